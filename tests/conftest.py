@@ -1,0 +1,60 @@
+"""Shared fixtures: the corpus from $GRUEXP_DATA_DIR (../shared/data by default) and tiny Hydra configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+os.environ.setdefault("GRUEXP_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A run that takes seconds on 2 cores: small model, the first 3000 characters, 2 epochs.
+TINY = ["model.hidden_size=16", "data.max_tokens=3000", "data.batch_size=8", "data.num_steps=10",
+        "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="session")
+def corpus_path() -> Path:
+    p = Path(os.environ["GRUEXP_DATA_DIR"]) / "timemachine.txt"
+    if not p.is_file():
+        pytest.fail(f"the tests need d2l's corpus at {p}: set GRUEXP_DATA_DIR to the folder holding it")
+    return p
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """compose('train', overrides) with the output folder set, as @hydra.main would set it."""
+
+    def make(*overrides: str, config_name: str = "train", out: Path | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose(config_name, overrides=[*TINY, *overrides], return_hydra_config=True)
+        out = out or tmp_path
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+            cfg.hydra.runtime.output_dir = str(out)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield make
+    GlobalHydra.instance().clear()
+
+
+def run_cli(module: str, *args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m module args` as a user would, capturing its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
