@@ -1,0 +1,193 @@
+"""Our own GRU: nn.GRU's parameters and math, with the recurrence as a hand-written autograd Function.
+
+Only the recurrence h_{t-1} -> h_t is sequential. The input projection of all T steps is one gather (layer 0)
+or one GEMM (later layers) before the loop, the output layer one GEMM after it; both use plain autograd.
+The loop itself runs one (B, H) x (H, 3H) product and a few fused elementwise ops per step, forward and
+backward, and the weight gradients are single GEMMs over all steps after the backward loop.
+
+Gates are stacked r, z, n as in nn.GRU. reset_after=True is nn.GRU's (and cuDNN's) form,
+    n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn)),
+reset_after=False is d2l's, n = tanh(x W_in^T + b_in + (r * h) W_hn^T + b_hn), on the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+
+def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool, save: bool):
+    """Run the recurrence; return hs [T, B, H] and, if save, the gate activations backward needs."""
+    T, B, H3 = gi.shape
+    H = H3 // 3
+    hs = gi.new_empty(T, B, H)
+    # Gate activations go to [T, ...] buffers for backward, or to temporaries (out=None) when none will run.
+    N = gi.new_empty(T, B, H) if save else [None] * T
+    h = h0
+    if reset_after:
+        G = gi.new_empty(T, B, 3 * H) if save else [None] * T  # G[t] = [r, z, gh_n]
+        gi_rz, gi_n = gi.split((2 * H, H), dim=2)
+        w_t = w_hh.t()
+        for t in range(T):
+            g = torch.addmm(b_hh, h, w_t, out=G[t])  # gh = h W_hh^T + b_hh
+            r, z = g[:, : 2 * H].add_(gi_rz[t]).sigmoid_().chunk(2, dim=1)
+            n = torch.addcmul(gi_n[t], r, g[:, 2 * H :], out=N[t]).tanh_()
+            h = torch.lerp(n, h, z, out=hs[t])  # (1 - z) * n + z * h
+        return hs, (G, N)
+    a_rz, a_n = (gi + b_hh).split((2 * H, H), dim=2)
+    RZ = gi.new_empty(T, B, 2 * H) if save else [None] * T
+    RH = gi.new_empty(T, B, H) if save else [None] * T
+    w_rz_t, w_n_t = w_hh[: 2 * H].t(), w_hh[2 * H :].t()
+    for t in range(T):
+        r, z = torch.addmm(a_rz[t], h, w_rz_t, out=RZ[t]).sigmoid_().chunk(2, dim=1)
+        rh = torch.mul(r, h, out=RH[t])
+        n = torch.addmm(a_n[t], rh, w_n_t, out=N[t]).tanh_()
+        h = torch.lerp(n, h, z, out=hs[t])
+    return hs, (RZ, RH, N)
+
+
+class GRURecurrence(torch.autograd.Function):
+    """hs [T, B, H] = GRU recurrence over gi [T, B, 3H] (x W_ih^T + b_ih) from h0 [B, H]; backward by hand."""
+
+    @staticmethod
+    def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool) -> Tensor:
+        hs, saved = _forward(gi, h0, w_hh, b_hh, reset_after, save=True)
+        ctx.reset_after = reset_after
+        ctx.save_for_backward(h0, w_hh, hs, *saved)
+        return hs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dhs: Tensor):
+        if ctx.reset_after:
+            dgi, dh0, dw_hh, db_hh = _backward_reset_after(dhs, *ctx.saved_tensors)
+        else:
+            dgi, dh0, dw_hh, db_hh = _backward_reset_before(dhs, *ctx.saved_tensors)
+        return dgi, dh0, dw_hh, db_hh, None
+
+
+def _backward_reset_after(dhs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, G: Tensor, N: Tensor):
+    """Gradients of the reset-after recurrence w.r.t. gi, h0, W_hh, b_hh."""
+    T, B, H = hs.shape
+    r, z, gh_n = G.split(H, dim=2)
+    h_prev = torch.cat((h0[None], hs[:-1]))
+    # Everything that does not depend on dh is computed for all steps at once: per step, the
+    # pre-activation gradients [da_n, da_r, da_z, dgh_n] are then dh * K[t] in a single op.
+    one_z = 1 - z
+    k_n = one_z * (1 - N * N)
+    K = torch.stack((k_n, k_n * gh_n * r * (1 - r), (h_prev - N) * z * one_z, k_n * r), dim=2)
+    D = torch.empty_like(K)  # [T, B, 4, H]
+    dh = dhs[-1]
+    for t in range(T - 1, -1, -1):
+        d = torch.mul(K[t], dh[:, None], out=D[t]).view(B, 4 * H)
+        dh_direct = torch.addcmul(dhs[t - 1], dh, z[t]) if t > 0 else dh * z[t]
+        dh = torch.addmm(dh_direct, d[:, H:], w_hh)  # d[:, H:] = dG_h = [da_r, da_z, dgh_n]
+    D = D.view(T, B, 4 * H)
+    dG_h = D[..., H:].reshape(T * B, 3 * H)
+    dgi = torch.cat((D[..., H : 3 * H], D[..., :H]), dim=2)  # [da_r, da_z, da_n]
+    return dgi, dh, dG_h.t() @ h_prev.reshape(T * B, H), dG_h.sum(0)
+
+
+def _backward_reset_before(dhs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, RZ: Tensor, RH: Tensor, N: Tensor):
+    """Gradients of the reset-before (d2l) recurrence w.r.t. gi, h0, W_hh, b_hh."""
+    T, B, H = hs.shape
+    r, z = RZ.split(H, dim=2)
+    h_prev = torch.cat((h0[None], hs[:-1]))
+    one_z = 1 - z
+    K = torch.stack(((h_prev - N) * z * one_z, one_z * (1 - N * N)), dim=2)  # dh * K[t] = [da_z, da_n]
+    k_r = h_prev * r * (1 - r)  # da_r = d(r * h) * k_r
+    w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H :]
+    D = hs.new_empty(T, B, 3 * H)  # [da_r, da_z, da_n]; with b_hh added to gi before the loop, also dgi
+    dh = dhs[-1]
+    for t in range(T - 1, -1, -1):
+        d = D[t]
+        torch.mul(K[t], dh[:, None], out=d[:, H:].view(B, 2, H))
+        drh = d[:, 2 * H :] @ w_n
+        torch.mul(drh, k_r[t], out=d[:, :H])
+        dh_direct = torch.addcmul(dhs[t - 1], dh, z[t]) if t > 0 else dh * z[t]
+        dh = torch.addmm(dh_direct.addcmul_(drh, r[t]), d[:, : 2 * H], w_rz)
+    D2 = D.view(T * B, 3 * H)
+    dw_hh = torch.cat((D2[:, : 2 * H].t() @ h_prev.reshape(T * B, H), D2[:, 2 * H :].t() @ RH.view(T * B, H)))
+    return D, dh, dw_hh, D2.sum(0)
+
+
+def gru_recurrence(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool = True) -> Tensor:
+    """GRURecurrence when a gradient is needed; otherwise the bare loop, which saves nothing for backward."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (gi, h0, w_hh, b_hh)):
+        return GRURecurrence.apply(gi, h0, w_hh, b_hh, reset_after)
+    return _forward(gi, h0, w_hh, b_hh, reset_after, save=False)[0]
+
+
+class GRULayers(nn.Module):
+    """A stack of GRU layers on token ids with nn.GRU's parameter names, shapes and initialisation."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        reset_after: bool = True,
+    ) -> None:
+        super().__init__()
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.dropout, self.reset_after = dropout, reset_after
+        H = hidden_size
+        self.layer_names = [
+            (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}") for k in range(num_layers)
+        ]
+        for k in range(num_layers):
+            in_size = vocab_size if k == 0 else H
+            setattr(self, f"weight_ih_l{k}", nn.Parameter(torch.empty(3 * H, in_size)))
+            setattr(self, f"weight_hh_l{k}", nn.Parameter(torch.empty(3 * H, H)))
+            setattr(self, f"bias_ih_l{k}", nn.Parameter(torch.empty(3 * H)))
+            setattr(self, f"bias_hh_l{k}", nn.Parameter(torch.empty(3 * H)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform in ±1/sqrt(H), as nn.GRU."""
+        bound = 1 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, tokens: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """tokens [T, B] -> the last layer's hs [T, B, H] and every layer's final state [num_layers, B, H]."""
+        if h0 is None:
+            h0 = self.weight_hh_l0.new_zeros(self.num_layers, tokens.shape[1], self.hidden_size)
+        x, h_n = tokens, []
+        for k, names in enumerate(self.layer_names):
+            w_ih, w_hh, b_ih, b_hh = (self._parameters[name] for name in names)
+            if k == 0:
+                # one-hot(x) W_ih^T + b_ih is row x of W_ih^T + b_ih; contiguous, or the gather reads strided rows
+                gi = F.embedding(x, (w_ih.t() + b_ih).contiguous())
+            else:
+                gi = F.linear(F.dropout(x, self.dropout, self.training), w_ih, b_ih)
+            x = gru_recurrence(gi, h0[k], w_hh, b_hh, self.reset_after)
+            h_n.append(x[-1])
+        return x, torch.stack(h_n)
+
+
+class FusedGRU(nn.Module):
+    """GRU language model on GRULayers; its state_dict is interchangeable with TorchGRU's."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        reset_after: bool = True,
+    ) -> None:
+        super().__init__()
+        self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
+        self.rnn = GRULayers(vocab_size, hidden_size, num_layers, dropout, reset_after)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, tokens: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """tokens [B, T] -> logits [B, T, V] and final state [num_layers, B, H]; state None means zeros."""
+        hs, state = self.rnn(tokens.T, state)
+        return self.linear(hs.transpose(0, 1)), state
