@@ -18,11 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 os.environ.setdefault("GRUEXP_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 os.environ.setdefault("WANDB_MODE", "offline")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per process, inherited by every process a test starts: tiny models gain nothing from more, and two
+# processes (DDP) on 2 cores must not oversubscribe them (OpenMP's spin-waits then slow everything 100-fold).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # A run that takes seconds on 2 cores: small model, the first 3000 characters, 2 epochs.
-TINY = ["model.hidden_size=16", "data.max_tokens=3000", "data.batch_size=8", "data.num_steps=10",
-        "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+TINY = [
+    "model.hidden_size=16",
+    "data.max_tokens=3000",
+    "data.batch_size=8",
+    "data.num_steps=10",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
 
 
 @pytest.fixture(scope="session")
@@ -56,5 +66,11 @@ def make_cfg(tmp_path):
 def run_cli(module: str, *args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m module args` as a user would, capturing its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

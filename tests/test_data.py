@@ -33,8 +33,12 @@ def test_tokenization_keeps_letters_lowercased(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"", "no letters"), (b"1234 !!\n", "no letters"), (b"abc\x00\x01def", "binary"),
-     (b"caf\xe9 au lait", "not UTF-8")],
+    [
+        (b"", "no letters"),
+        (b"1234 !!\n", "no letters"),
+        (b"abc\x00\x01def", "binary"),
+        (b"caf\xe9 au lait", "not UTF-8"),
+    ],
 )
 def test_bad_corpus_is_refused(tmp_path, content, message):
     p = tmp_path / "bad.txt"
@@ -59,7 +63,9 @@ def test_offline_without_file_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("GRUEXP_DATA_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "URL", "http://127.0.0.1:9/timemachine.txt")  # nothing listens on port 9
-    with pytest.raises(UserError, match=f"no network: put d2l's timemachine.txt .* at {tmp_path}/d/timemachine.txt"):
+    with pytest.raises(
+        UserError, match=f"no network: put d2l's timemachine.txt .* at {tmp_path}/d/timemachine.txt"
+    ):
         data.resolve_corpus()
 
 
@@ -120,7 +126,9 @@ def test_sequential_rows_continue_per_rank_under_ddp():
     for r, rank_batches in enumerate(ranks):
         assert len(rank_batches) == len(full)
         for t, (x, y) in enumerate(rank_batches):
-            assert torch.equal(x, full[t][0][4 * r : 4 * r + 4])  # each rank owns its rows of the global batch
+            assert torch.equal(
+                x, full[t][0][4 * r : 4 * r + 4]
+            )  # each rank owns its rows of the global batch
             assert torch.equal(y[:, :-1], x[:, 1:])
             if t:
                 assert torch.equal(x[:, 0], rank_batches[t - 1][0][:, -1] + 1)  # row i continues row i
@@ -153,11 +161,13 @@ def test_datamodule_splits_head_and_tail(corpus_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"num_steps": 200000}, "num_steps=200000 needs at least 200001 tokens"),
-     ({"num_steps": 0}, "data.num_steps must be a positive integer, got 0"),
-     ({"batch_size": -1}, "data.batch_size must be a positive integer, got -1"),
-     ({"partition": "shuffled"}, "data.partition=shuffled is unknown"),
-     ({"max_tokens": 50, "batch_size": 32}, "holds no batch of 32 rows")],
+    [
+        ({"num_steps": 200000}, "num_steps=200000 needs at least 200001 tokens"),
+        ({"num_steps": 0}, "data.num_steps must be a positive integer, got 0"),
+        ({"batch_size": -1}, "data.batch_size must be a positive integer, got -1"),
+        ({"partition": "shuffled"}, "data.partition=shuffled is unknown"),
+        ({"max_tokens": 50, "batch_size": 32}, "holds no batch of 32 rows"),
+    ],
 )
 def test_datamodule_bad_options(corpus_path, kwargs, message):
     with pytest.raises(UserError, match=message):

@@ -41,7 +41,9 @@ def _verified(path: Path) -> Path:
     try:
         digest = sha1(path)
     except OSError as e:
-        raise UserError(f"cannot read the corpus {path}: {e.strerror}; fix its permissions or delete it") from e
+        raise UserError(
+            f"cannot read the corpus {path}: {e.strerror}; fix its permissions or delete it"
+        ) from e
     if digest != SHA1:
         raise UserError(
             f"corpus {path} has SHA-1 {digest}, expected d2l's {SHA1}: delete it to download it again, "
@@ -94,7 +96,9 @@ def read_lines(path: Path) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"corpus {path} is not UTF-8 text (byte {e.start}): convert it, e.g. iconv -t utf-8") from e
+        raise UserError(
+            f"corpus {path} is not UTF-8 text (byte {e.start}): convert it, e.g. iconv -t utf-8"
+        ) from e
     return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in text.splitlines()]
 
 
@@ -156,8 +160,17 @@ class StreamSampler(Sampler[int]):
     Lightning calls `set_epoch` on a DataLoader's sampler at each epoch.
     """
 
-    def __init__(self, n: int, num_steps: int, batch_size: int, partition: str = "sequential",
-                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_offset: bool = True):
+    def __init__(
+        self,
+        n: int,
+        num_steps: int,
+        batch_size: int,
+        partition: str = "sequential",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_offset: bool = True,
+    ):
         if partition not in ("sequential", "random"):
             raise UserError(f"data.partition={partition} is unknown: choose sequential or random")
         if batch_size % world_size:
@@ -201,9 +214,17 @@ class TimeMachineDataModule(L.LightningDataModule):
     tail is always the last `val_fraction` of the whole corpus, read sequentially from its start.
     """
 
-    def __init__(self, path: str | None = None, batch_size: int = 32, num_steps: int = 35,
-                 max_tokens: int | None = None, val_fraction: float = 0.1, partition: str = "sequential",
-                 seed: int = 0, num_workers: int = 0):
+    def __init__(
+        self,
+        path: str | None = None,
+        batch_size: int = 32,
+        num_steps: int = 35,
+        max_tokens: int | None = None,
+        val_fraction: float = 0.1,
+        partition: str = "sequential",
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
         super().__init__()
         for name, v in (("batch_size", batch_size), ("num_steps", num_steps)):
             if not isinstance(v, int) or v <= 0:
@@ -239,15 +260,21 @@ class TimeMachineDataModule(L.LightningDataModule):
 
     def _loader(self, ids: torch.Tensor, batch_size: int, partition: str, shuffle_offset: bool) -> DataLoader:
         rank, world = self._rank()
-        sampler = StreamSampler(len(ids), self.num_steps, batch_size, partition, rank, world, self.seed,
-                                shuffle_offset)
+        sampler = StreamSampler(
+            len(ids), self.num_steps, batch_size, partition, rank, world, self.seed, shuffle_offset
+        )
         if len(sampler) == 0:
             raise UserError(
                 f"the {len(ids)}-token split holds no batch of {batch_size} rows x {self.num_steps} steps: "
                 "lower data.batch_size or data.num_steps, or raise data.max_tokens"
             )
-        return DataLoader(Windows(ids, self.num_steps), batch_size=sampler.rows, sampler=sampler,
-                          drop_last=True, num_workers=self.num_workers)
+        return DataLoader(
+            Windows(ids, self.num_steps),
+            batch_size=sampler.rows,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_ids, self.batch_size, self.partition, shuffle_offset=True)

@@ -1,0 +1,148 @@
+"""CharLM: the LightningModule shared by all three variants (loss, carried state, perplexity, throughput, predict)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+from torchmetrics.text import Perplexity
+
+from gruexp.data import Vocab
+from gruexp.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+class CharLM(L.LightningModule):
+    """A character language model around `build_model(name, ...)`, trained like d2l's train_ch8.
+
+    In the sequential partition the hidden state is carried (detached) from batch to batch and reset at the start
+    of every epoch and of validation; in the random partition it is reset for every batch.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        hidden_size: int,
+        vocab: Sequence[str],
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        reset_after: bool = True,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        carry_state: bool = True,
+        sample_prefix: str = "time traveller",
+        sample_chars: int = 50,
+    ):
+        super().__init__()
+        vocab = [
+            str(t) for t in vocab
+        ]  # plain strings, not Hydra's ListConfig: checkpoints load with weights_only
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.vocab = Vocab(idx_to_token=vocab)
+        self.net = build_model(
+            name,
+            vocab_size=len(self.vocab),
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout,
+            **({} if name == "scratch" else {"reset_after": reset_after}),
+        )
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.carry_state = carry_state
+        self.state: torch.Tensor | None = None
+        self.train_ppl, self.val_ppl = Perplexity(), Perplexity()
+        self.train_tokens = SumMetric()  # summed over ranks: tokens/sec counts every device's tokens
+        self.sample = ""
+
+    def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None):
+        return self.net(tokens, state)
+
+    @property
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token of a 1-layer GRU LM: forward 2*3H*(H+V) + 2*H*V, backward twice that."""
+        H, V = self.hparams.hidden_size, len(self.vocab)
+        return 3 * (2 * 3 * H * (H + V) + 2 * H * V)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], carry: bool):
+        X, Y = batch
+        state = self.state if carry and self.state is not None and self.state.shape[1] == X.shape[0] else None
+        logits, state = self(X, state)
+        self.state = state.detach() if carry else None
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        return loss, logits
+
+    def on_train_epoch_start(self) -> None:
+        self.state = None
+        self._t0 = self._t1 = time.perf_counter()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, logits = self._step(batch, carry=self.carry_state)
+        self.train_ppl(logits.detach(), batch[1])
+        self.train_tokens(batch[1].numel())
+        self.log("train/loss", loss, prog_bar=False)
+        self.log("train/ppl", self.train_ppl, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._t1 = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        # ThroughputMonitor logs per-step sliding windows from rank 0; we want one epoch figure for the summary
+        # and dashboards: all ranks' tokens (a synced SumMetric) over the epoch's training wall time.
+        tokens = self.train_tokens.compute()
+        self.train_tokens.reset()
+        self.log("train/tokens_per_sec", tokens / max(self._t1 - self._t0, 1e-9), prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._train_state, self.state = self.state, None
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, logits = self._step(batch, carry=True)
+        self.val_ppl(logits, batch[1])
+        self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.state = self._train_state
+        if not self.trainer.sanity_checking:
+            self.sample = self.predict(self.hparams.sample_prefix, self.hparams.sample_chars)
+            if self.trainer.is_global_zero:
+                log.info("epoch %d sample: %s", self.current_epoch, self.sample)
+
+    @torch.no_grad()
+    def predict(
+        self, prefix: str, num_chars: int, temperature: float = 0.0, generator: torch.Generator | None = None
+    ) -> str:
+        """d2l's predict_ch8: warm the state up on `prefix`, then emit `num_chars` characters.
+
+        Greedy (argmax) at temperature 0, else sampled from softmax(logits / temperature).
+        """
+        was_training = self.training
+        self.eval()
+        ids = self.vocab.encode(prefix)
+        x = torch.tensor([ids], device=self.device)
+        logits, state = self(x)
+        out = list(ids)
+        for _ in range(num_chars):
+            last = logits[0, -1]
+            if temperature > 0:
+                y = int(torch.multinomial(F.softmax(last / temperature, -1).cpu(), 1, generator=generator))
+            else:
+                y = int(last.argmax())
+            out.append(y)
+            logits, state = self(torch.tensor([[y]], device=self.device), state)
+        self.train(was_training)
+        return self.vocab.decode(out)
+
+    def configure_optimizers(self):
+        opt = (self.optimizer or torch.optim.SGD)(
+            self.parameters(), **({} if self.optimizer else {"lr": 1.0})
+        )
+        if self.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "epoch"}}

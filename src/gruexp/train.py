@@ -1,0 +1,113 @@
+"""train(cfg): build the data, model, callbacks, loggers and trainer from the Hydra config, fit, summarise.
+
+python -m gruexp.train model=scratch trainer.max_epochs=2 model.hidden_size=64 optimizer.lr=0.5
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from gruexp import UserError
+
+log = logging.getLogger("gruexp.train")
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Every `_target_` entry of a callbacks/logger group; a null entry switches one off."""
+    return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically: a reader never sees half a file, even if the run is killed mid-write."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit one model as the config says and return its final metrics (also written to summary.json)."""
+    out = Path(cfg.paths.output_dir)
+    seed = L.seed_everything(cfg.seed, workers=True)
+    start = time.perf_counter()
+
+    datamodule = instantiate(cfg.data, seed=seed)
+    model = instantiate(
+        cfg.model,
+        vocab=datamodule.vocab.idx_to_token,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.get("scheduler")),
+    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary = {
+        "model": cfg.model.name,
+        "hidden_size": cfg.model.hidden_size,
+        "lr": cfg.optimizer.get("lr"),
+        "gradient_clip_val": cfg.trainer.get("gradient_clip_val"),
+        "batch_size": cfg.data.batch_size,
+        "num_steps": cfg.data.num_steps,
+        "partition": cfg.data.partition,
+        "train_ppl": m.get("train/ppl", math.nan),
+        "val_ppl": m.get("val/ppl", math.nan),
+        "tokens_per_sec": m.get("train/tokens_per_sec", math.nan),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
+        "wall_time_s": time.perf_counter() - start,
+        "sample": model.sample,
+        "seed": seed,
+        "status": "interrupted" if trainer.interrupted else "completed",
+    }
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None:
+        summary["best_val_ppl"] = (
+            float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan
+        )
+        summary["best_ckpt"] = ckpt.best_model_path
+        summary["last_ckpt"] = ckpt.last_model_path
+    if trainer.is_global_zero:
+        write_json(out / "summary.json", summary)
+        log.info(
+            "val/ppl %.3f | train/ppl %.3f | %.0f tokens/sec | %s",
+            summary["val_ppl"],
+            summary["train_ppl"],
+            summary["tokens_per_sec"],
+            out,
+        )
+        log.info("sample: %s", summary["sample"])
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point: run train(cfg); a user error is one line and exit status 2, not a traceback."""
+    try:
+        summary = train(cfg)
+    except UserError as e:
+        log.error("%s", e)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise  # let the sweep record this job as failed and go on with the others
+        sys.exit(2)
+    return summary["val_ppl"]  # the objective a sweeper (Optuna) minimises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""End to end: train(cfg) for each variant, summary.json, checkpoints, resume, generation and the CLI's errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+
+from gruexp.generate import generate, load
+from gruexp.train import train
+
+KEYS = {
+    "model",
+    "hidden_size",
+    "lr",
+    "gradient_clip_val",
+    "train_ppl",
+    "val_ppl",
+    "tokens_per_sec",
+    "epochs",
+    "world_size",
+    "wall_time_s",
+}
+
+
+@pytest.mark.parametrize("name", ["scratch", "torch", "fused"])
+def test_train_writes_summary_metrics_and_checkpoints(make_cfg, tmp_path, name, corpus_path):
+    cfg = make_cfg(f"model={name}", "optimizer.lr=2", "trainer.gradient_clip_val=0.5")
+    got = train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert KEYS <= summary.keys() and summary == pytest.approx(got)
+    assert (summary["model"], summary["hidden_size"], summary["lr"], summary["gradient_clip_val"]) == (
+        name,
+        16,
+        2,
+        0.5,
+    )
+    assert (summary["epochs"], summary["world_size"], summary["status"]) == (2, 1, "completed")
+    assert 1 < summary["val_ppl"] < 28 and 1 < summary["train_ppl"] < 28  # better than uniform over 28 tokens
+    assert summary["tokens_per_sec"] > 0 and summary["wall_time_s"] > 0
+    assert summary["sample"].startswith("time traveller") and len(summary["sample"]) == 14 + 50
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    val = [float(r["val/ppl"]) for r in rows if r.get("val/ppl")]
+    assert len(val) == 2 and val[-1] == pytest.approx(summary["val_ppl"])
+    tps = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
+    assert len(tps) == 2 and tps[-1] == pytest.approx(summary["tokens_per_sec"])
+
+
+def test_val_ppl_is_exp_of_mean_token_loss(make_cfg, tmp_path, corpus_path):
+    cfg = make_cfg("model=torch", "trainer.max_epochs=1")
+    summary = train(cfg)
+    model = load(tmp_path / "checkpoints" / "last.ckpt")
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data, seed=cfg.seed)
+    nll, n, state = 0.0, 0, None
+    with torch.no_grad():
+        for x, y in dm.val_dataloader():
+            logits, state = model(x, state)
+            nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+            ).item()
+            n += y.numel()
+    assert summary["val_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_resume_continues_from_checkpoint(make_cfg, tmp_path, corpus_path):
+    first = train(make_cfg("model=fused", out=tmp_path / "a"))
+    resumed = train(
+        make_cfg(
+            "model=fused",
+            "trainer.max_epochs=3",
+            f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+            out=tmp_path / "b",
+        )
+    )
+    assert resumed["epochs"] == 3 and resumed["global_step"] == first["global_step"] * 3 // 2
+
+
+def test_generate_greedy_and_sampled(make_cfg, tmp_path, corpus_path):
+    train(make_cfg("model=torch", "trainer.max_epochs=1"))
+    model = load(tmp_path / "checkpoints" / "last.ckpt")
+    greedy = generate(model, "Time Traveller", 30)
+    assert greedy.startswith("time traveller") and len(greedy) == 44
+    assert greedy == generate(model, "time traveller", 30)  # greedy is deterministic
+    a, b = (generate(model, "time", 30, temperature=1.0, seed=s) for s in (1, 2))
+    assert a != b and len(a) == len(b) == 34
+
+
+def test_cli_train_then_generate(tmp_path, corpus_path):
+    run = tmp_path / "run"
+    r = run_cli(
+        "gruexp.train",
+        "model=scratch",
+        *TINY,
+        "trainer.max_epochs=1",
+        "optimizer.lr=0.5",
+        "trainer.gradient_clip_val=1",
+        f"hydra.run.dir={run}",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "scratch" and summary["lr"] == 0.5
+    assert f"val/ppl {summary['val_ppl']:.3f}" in r.stdout + r.stderr
+    g = run_cli(
+        "gruexp.generate",
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        "prefix=time traveller",
+        "num_chars=20",
+    )
+    assert g.returncode == 0, g.stderr[-2000:]
+    assert g.stdout.splitlines()[-1] == summary["sample"][:34]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model=transformer"], "Could not find 'model/transformer'"),
+        (["model.hidden_size=0"], "model.hidden_size must be a positive integer, got 0"),
+        (["data.num_steps=200000"], "data.num_steps=200000 needs at least 200001 tokens"),
+        (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message, corpus_path):
+    run = tmp_path / "run"
+    r = run_cli("gruexp.train", *TINY, *args, f"hydra.run.dir={run}")
+    assert r.returncode != 0
+    assert message in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (run / "summary.json").exists()
+
+
+def test_generate_missing_checkpoint(tmp_path):
+    r = run_cli("gruexp.generate", f"ckpt_path={tmp_path / 'none.ckpt'}")
+    assert r.returncode == 2
+    assert "does not exist: pass ckpt_path=" in r.stdout + r.stderr and "Traceback" not in r.stderr
