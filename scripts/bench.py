@@ -1,0 +1,350 @@
+#!/usr/bin/env python
+"""Throughput of the scratch, torch and fused GRU language models, interleaved in one process.
+
+    python scripts/bench.py [--device cpu|cuda] [--threads 2] [--shapes 32x256,128x512,128x1024] [--json PATH]
+
+A training step is what CharLM does each batch: forward (state carried, detached), cross-entropy, backward,
+clip the global gradient norm to 1, SGD step (d2l's train_ch8). An inference step is one token of generation
+at batch 1, as CharLM.predict runs it. Variants take turns, `--round` steps each, in a rotating order, so a
+noisy machine slows all of them alike and the ratios hold; each variant's rate is its median step time.
+The fp32 GEMM rate is sampled in the same turns and gives each shape's compute-bound limit in tokens/sec.
+Tokens are random ids: the rate of a GRU does not depend on the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gruexp.models import MODEL_NAMES, build_model
+
+DEFAULT_SHAPES = "32x256,128x512,128x1024"
+# The issue's targets, (mode, device type, batch, hidden) -> {other variant: least fused/other ratio}; a batch or
+# hidden of None matches any. The CPU ones are for --threads 2.
+TARGETS: dict[tuple[str, str, int | None, int | None], dict[str, float]] = {
+    ("train", "cpu", 32, 256): {"torch": 1.5, "scratch": 2.0},
+    ("train", "cpu", 128, 1024): {"torch": 1.2},
+    ("train", "cuda", 32, 256): {"torch": 1.0, "scratch": 10.0},
+    ("infer", "cpu", 1, None): {"torch": 1.0},
+    ("infer", "cuda", 1, None): {"torch": 1.0},
+}
+
+
+def forward_flops_per_token(vocab_size: int, hidden_size: int) -> int:
+    """Forward FLOPs per token of a 1-layer GRU LM: three gates' products 2*3H*(H+V), output layer 2*H*V."""
+    H, V = hidden_size, vocab_size
+    return 2 * 3 * H * (H + V) + 2 * H * V
+
+
+def train_flops_per_token(vocab_size: int, hidden_size: int) -> int:
+    """Training-step FLOPs per token: forward, and backward at twice the forward (as CharLM.flops_per_token)."""
+    return 3 * forward_flops_per_token(vocab_size, hidden_size)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'32x256,128x1024' -> [(32, 256), (128, 1024)] as (batch, hidden); argparse type, so errors are one line."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            B, H = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not BATCHxHIDDEN: write e.g. 32x256,128x1024") from None
+        if B <= 0 or H <= 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: batch and hidden must be positive")
+        shapes.append((B, H))
+    return shapes
+
+
+def parse_variants(text: str) -> list[str]:
+    """'torch,fused' -> ['torch', 'fused'], each one of MODEL_NAMES."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in MODEL_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: choose among {','.join(MODEL_NAMES)}")
+    return names
+
+
+def time_calls(fn: Callable[[], object], k: int, device: torch.device) -> list[float]:
+    """Seconds each of k calls of fn takes; on CUDA from events, so no host sync sits inside the timed span."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(k)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    seconds = []
+    for _ in range(k):
+        t0 = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+class TrainStep:
+    """One variant's model, SGD optimizer and fixed batch; calling it runs one training step like CharLM's."""
+
+    def __init__(self, name: str, V: int, B: int, T: int, H: int, device: torch.device, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.net = build_model(name, V, H).to(device).train()
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=1.0)
+        g = torch.Generator().manual_seed(seed)
+        self.X = torch.randint(V, (B, T), generator=g).to(device)
+        self.Y = torch.randint(V, (B, T), generator=g).to(device)
+        self.state: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        logits, state = self.net(self.X, self.state)
+        self.state = state.detach()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.Y.reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)  # what Lightning's gradient_clip_val=1 calls
+        self.opt.step()
+
+
+class InferStep:
+    """One variant's model in eval mode; calling it generates `chunk` tokens at batch 1 as CharLM.predict does."""
+
+    def __init__(self, name: str, V: int, H: int, chunk: int, device: torch.device, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.net = build_model(name, V, H).to(device).eval()
+        self.chunk, self.device = chunk, device
+        self.x = torch.tensor([[1]], device=device)
+        self.state: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for _ in range(self.chunk):
+            logits, self.state = self.net(self.x, self.state)
+            y = int(logits[0, -1].argmax())
+            self.x = torch.tensor([[y]], device=self.device)
+
+
+def interleave(
+    steps: dict[str, Callable[[], None]],
+    samples: int,
+    warmup: int,
+    per_round: int,
+    device: torch.device,
+    gemm: Callable[[], None],
+    gemm_seconds: list[float],
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Warm each callable up, then time `samples` calls of each in rounds of `per_round`, rotating the order.
+
+    Returns the seconds of every timed call per name and each name's first (cold) call; one GEMM is timed per
+    round into gemm_seconds, so the machine's rate is sampled under the same load as the variants.
+    """
+    first: dict[str, float] = {}
+    for name, fn in steps.items():
+        first[name] = time_calls(fn, 1, device)[0]
+        time_calls(fn, max(warmup - 1, 0), device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    r = 0
+    while any(len(t) < samples for t in times.values()):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            times[name] += time_calls(steps[name], min(per_round, samples - len(times[name])), device)
+        gemm_seconds += time_calls(gemm, 1, device)
+        r += 1
+    return times, first
+
+
+def device_description(device: torch.device, threads: int) -> str:
+    """'cuda: NVIDIA H100 80GB HBM3' or 'cpu: AMD EPYC, 2 threads': what a table's numbers were measured on."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model}, {threads} thread{'s' * (threads != 1)}"
+
+
+def ratio_row(rows: list[dict], mode: str, batch: int, hidden: int, device_type: str) -> dict | None:
+    """fused/torch and fused/scratch tokens/sec at one shape, with the issue's target where it sets one."""
+    rate = {
+        r["variant"]: r["tokens_per_sec"] for r in rows if (r["mode"], r["batch"], r["hidden"]) == (mode, batch, hidden)
+    }
+    if "fused" not in rate:
+        return None
+    out: dict = {"mode": mode, "batch": batch, "hidden": hidden}
+    targets = {}
+    for key, value in TARGETS.items():
+        if key[:2] == (mode, device_type) and key[2] in (None, batch) and key[3] in (None, hidden):
+            targets.update(value)
+    for other in ("torch", "scratch"):
+        if other in rate:
+            out[f"fused/{other}"] = rate["fused"] / rate[other]
+            if other in targets:
+                out[f"target fused/{other}"] = targets[other]
+    return out if len(out) > 3 else None
+
+
+def format_report(report: dict) -> str:
+    """The table a person reads: one row per (mode, shape, variant), then the ratios against the targets."""
+    lines = [
+        f"device: {report['device']}, torch {report['torch']}",
+        f"fp32 GEMM {report['gemm_size']}^2: {report['gemm_gflops']:.1f} GFLOP/s (median of {report['gemm_samples']});"
+        f" T={report['num_steps']}, V={report['vocab_size']}",
+        "",
+        f"{'mode':<6}{'variant':<9}{'B':>5}{'H':>6}{'steps':>7}{'ms/step':>10}{'tokens/s':>12}"
+        f"{'limit tok/s':>13}{'share':>7}{'1st step s':>11}",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"{r['mode']:<6}{r['variant']:<9}{r['batch']:>5}{r['hidden']:>6}{r['steps']:>7}{r['ms_per_step']:>10.3f}"
+            f"{r['tokens_per_sec']:>12,.0f}{r['limit_tokens_per_sec']:>13,.0f}{r['share_of_limit']:>7.1%}"
+            f"{r['first_step_s']:>11.3f}"
+        )
+    if report["ratios"]:
+        lines += ["", f"{'ratio of tokens/s':<22}{'fused/torch':>20}{'fused/scratch':>22}"]
+    for q in report["ratios"]:
+        cells = []
+        for other in ("torch", "scratch"):
+            if f"fused/{other}" not in q:
+                cells.append("-")
+                continue
+            cell = f"{q[f'fused/{other}']:.2f}x"
+            target = q.get(f"target fused/{other}")
+            if target is not None:
+                cell += f" ({'ok' if q[f'fused/{other}'] >= target else 'below'} {target:g}x)"
+            cells.append(cell)
+        lines.append(f"{q['mode']:<6}B{q['batch']:<5} H{q['hidden']:<8}{cells[0]:>20}{cells[1]:>22}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2: the CPU targets')")
+    p.add_argument(
+        "--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES), help=f"BxH list ({DEFAULT_SHAPES})"
+    )
+    p.add_argument("--variants", type=parse_variants, default=list(MODEL_NAMES), help="scratch,torch,fused")
+    p.add_argument("--num-steps", type=int, default=35, help="T, time steps per sequence (d2l: 35)")
+    p.add_argument("--vocab-size", type=int, default=28, help="V (d2l's character vocabulary: 28)")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per variant and shape (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant and shape first (default 5)")
+    p.add_argument("--round", type=int, default=5, help="steps a variant runs per turn (default 5)")
+    p.add_argument(
+        "--infer-tokens",
+        type=int,
+        default=400,
+        help="timed generated tokens per variant and hidden size, batch 1 (default 400; 0 skips inference)",
+    )
+    p.add_argument("--infer-chunk", type=int, default=20, help="tokens per timed inference sample (default 20)")
+    p.add_argument("--gemm-size", type=int, default=None, help="n of the n x n fp32 GEMM (default cpu 1024, cuda 4096)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this file (never overwritten)")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time every variant at every shape (and at batch 1 for inference); return the report as --json writes it."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    V, T, n = args.vocab_size, args.num_steps, args.gemm_size or (4096 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    gemm_out = torch.empty(n, n, device=device)
+    gemm_seconds: list[float] = []
+
+    def gemm() -> None:
+        torch.mm(a, b, out=gemm_out)
+
+    time_calls(gemm, 3, device)  # warm-up: thread pool, cuBLAS handle
+    results = []
+    jobs = [("train", B, H) for B, H in args.shapes]
+    if args.infer_tokens > 0:
+        jobs += [("infer", 1, H) for H in dict.fromkeys(H for _, H in args.shapes)]
+    for mode, B, H in jobs:
+        print(f"timing {mode} B={B} H={H} ...", file=sys.stderr, flush=True)
+        if mode == "train":
+            steps = {v: TrainStep(v, V, B, T, H, device, args.seed) for v in args.variants}
+            samples, warmup, per_round = args.steps, args.warmup, args.round
+        else:
+            steps = {v: InferStep(v, V, H, args.infer_chunk, device, args.seed) for v in args.variants}
+            samples = -(-args.infer_tokens // args.infer_chunk)
+            warmup, per_round = 1, 1
+        times, first = interleave(steps, samples, warmup, per_round, device, gemm, gemm_seconds)
+        flops = (train_flops_per_token if mode == "train" else forward_flops_per_token)(V, H)
+        for v in args.variants:
+            # a training call is one step of B*T tokens; an inference call is `chunk` one-token steps
+            sec = statistics.median(times[v]) / (1 if mode == "train" else args.infer_chunk)
+            rate = (B * T if mode == "train" else 1) / sec
+            results.append(
+                {
+                    "mode": mode,
+                    "variant": v,
+                    "batch": B,
+                    "hidden": H,
+                    "steps": len(times[v]) * (1 if mode == "train" else args.infer_chunk),
+                    "tokens_per_sec": rate,
+                    "ms_per_step": sec * 1e3,
+                    "first_step_s": first[v],
+                    "flops_per_token": flops,
+                }
+            )
+        del steps
+    gflops = 2 * n**3 / statistics.median(gemm_seconds) / 1e9
+    for r in results:
+        r["limit_tokens_per_sec"] = gflops * 1e9 / r["flops_per_token"]
+        r["share_of_limit"] = r["tokens_per_sec"] / r["limit_tokens_per_sec"]
+    ratios = [ratio_row(results, mode, B, H, device.type) for mode, B, H in jobs]
+    report = {
+        "device": device_description(device, args.threads),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "num_steps": T,
+        "vocab_size": V,
+        "gemm_size": n,
+        "gemm_samples": len(gemm_seconds),
+        "gemm_gflops": gflops,
+        "results": results,
+        "ratios": [q for q in ratios if q],
+    }
+    if device.type == "cuda":
+        report["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        report["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option in ("threads", "num_steps", "vocab_size", "steps", "warmup", "round", "infer_chunk", "gemm_size"):
+        value = getattr(args, option)
+        if value is not None and value < (0 if option == "warmup" else 1):
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {value}")
+    if args.infer_tokens < 0:
+        parser.error(f"--infer-tokens must be >= 0 (0 skips inference), got {args.infer_tokens}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
+    if args.json is not None and args.json.exists():
+        parser.error(f"--json {args.json} exists and would be overwritten: pass a new path")
+    report = run(args)
+    print(format_report(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

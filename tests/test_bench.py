@@ -1,0 +1,102 @@
+"""scripts/bench.py: the harness runs every variant at every shape and writes the documented JSON (no timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gruexp.models import MODEL_NAMES
+from gruexp.module import CharLM
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench.py"
+TINY_BENCH = [
+    "--shapes", "4x16,8x24",
+    "--steps", "3", "--warmup", "1", "--round", "2",
+    "--infer-tokens", "6", "--infer-chunk", "3",
+    "--threads", "1", "--gemm-size", "64",
+]  # fmt: skip
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """python scripts/bench.py args, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_bench_writes_every_variant_and_shape(tmp_path):
+    out = tmp_path / "sub" / "bench.json"
+    proc = run_bench(*TINY_BENCH, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu: ") and report["device"].endswith("1 thread")
+    assert report["gemm_gflops"] > 0 and report["gemm_size"] == 64
+    keys = {"variant", "batch", "hidden", "steps", "tokens_per_sec", "ms_per_step"}
+    rows = {(r["mode"], r["variant"], r["batch"], r["hidden"]): r for r in report["results"]}
+    expected = [("train", v, B, H) for B, H in [(4, 16), (8, 24)] for v in MODEL_NAMES]
+    expected += [("infer", v, 1, H) for H in (16, 24) for v in MODEL_NAMES]
+    assert sorted(rows) == sorted(expected)
+    for key, r in rows.items():
+        assert keys <= r.keys(), key
+        assert r["tokens_per_sec"] > 0 and r["ms_per_step"] > 0 and r["limit_tokens_per_sec"] > 0, key
+        assert r["steps"] == (3 if key[0] == "train" else 6), key
+        # tokens/sec and ms/step are the same median: B*T tokens per training step, 1 per generated token
+        tokens = r["batch"] * 35 if key[0] == "train" else 1
+        assert abs(r["tokens_per_sec"] * r["ms_per_step"] / 1e3 - tokens) < 1e-6 * tokens, key
+    ratios = {(q["mode"], q["batch"], q["hidden"]): q for q in report["ratios"]}
+    assert sorted(ratios) == [("infer", 1, 16), ("infer", 1, 24), ("train", 4, 16), ("train", 8, 24)]
+    q = ratios[("train", 8, 24)]
+    rate = {v: rows[("train", v, 8, 24)]["tokens_per_sec"] for v in MODEL_NAMES}
+    assert q["fused/torch"] == rate["fused"] / rate["torch"] and q["fused/scratch"] == rate["fused"] / rate["scratch"]
+    assert ratios[("infer", 1, 16)]["target fused/torch"] == 1.0  # fused must not be slower at generation
+    # the printed table holds every row and the ratios
+    table = proc.stdout
+    assert "fp32 GEMM 64^2" in table and "fused/torch" in table and f"wrote {out}" in table
+    assert sum(line.startswith(("train ", "infer ")) for line in table.splitlines()) == len(expected) + 4
+
+
+def test_bench_variants_subset(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench(
+        *TINY_BENCH, "--variants", "torch,fused", "--shapes", "4x16", "--infer-tokens", "0", "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [(r["mode"], r["variant"]) for r in report["results"]] == [("train", "torch"), ("train", "fused")]
+    assert [set(q) for q in report["ratios"]] == [{"mode", "batch", "hidden", "fused/torch"}]
+
+
+def test_bench_refuses_to_overwrite_json_and_bad_shapes(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text("an earlier run\n")
+    proc = run_bench(*TINY_BENCH, "--json", str(out))
+    assert proc.returncode == 2
+    assert f"--json {out} exists and would be overwritten: pass a new path" in proc.stderr
+    assert "Traceback" not in proc.stderr and "timing" not in proc.stderr and proc.stdout == ""
+    assert out.read_text() == "an earlier run\n"
+    proc = run_bench("--shapes", "32by256")
+    assert proc.returncode == 2 and "'32by256' is not BATCHxHIDDEN: write e.g. 32x256,128x1024" in proc.stderr
+    proc = run_bench("--variants", "torch,cudnn")
+    assert proc.returncode == 2 and "'cudnn': choose among scratch,torch,fused" in proc.stderr
+
+
+def test_flops_per_token_matches_charlm():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    vocab = [f"c{i}" for i in range(28)]
+    for H in (16, 256, 1024):
+        model = CharLM("torch", hidden_size=H, vocab=vocab)
+        assert bench.train_flops_per_token(28, H) == model.flops_per_token
+    # the issue's formula at the d2l shape: forward 2*3H*(H+V) + 2*H*V, training three times that
+    assert bench.forward_flops_per_token(28, 256) == 2 * 3 * 256 * 284 + 2 * 256 * 28
