@@ -1,4 +1,4 @@
-"""What Lightning lacks: a progress display quiet in logs, a run's perplexity-curve PNG, W&B sample tables and summary."""
+"""What Lightning lacks: progress quiet in logs, a run's perplexity-curve PNG, W&B sample tables and summary."""
 
 from __future__ import annotations
 

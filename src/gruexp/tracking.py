@@ -26,7 +26,7 @@ INIT_TIMEOUT_S = 30.0  # online init gives up after this and falls back to offli
 
 
 def logged_in(env: Mapping[str, str] = os.environ) -> bool:
-    """True when W&B has credentials here: WANDB_API_KEY, or a netrc entry for the W&B host (what `wandb login` writes)."""
+    """True when W&B has credentials: WANDB_API_KEY, or a netrc entry for its host (what `wandb login` writes)."""
     if env.get("WANDB_API_KEY"):
         return True
     host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
