@@ -47,7 +47,7 @@ def test_offline_run_lives_in_output_folder_with_metrics_and_config(make_cfg, tm
     assert sync == [f"W&B run saved offline; upload it with: wandb sync {run_dir}"]
 
     run = read_run(run_dir)
-    assert run["run"]["project"] == "gruexp" and run["run"]["name"] == "torch-h16-lr2.0-clip0.01"
+    assert run["run"]["project"] == "gruexp" and run["run"]["name"] == "torch-h16-lr2-clip0.01"
     assert run["run"]["job_type"] == "train" and run["run"]["tags"] == ["tiny", "test"]
     assert run["run"]["group"] == ""  # a single run belongs to no sweep
     # the resolved Hydra config is the run config

@@ -118,8 +118,13 @@ class WandbLogger(_WandbLogger):
         run, self._experiment = self._experiment, None
         if run is None or not hasattr(run, "finish"):
             return
+        import wandb
+
         sync_dir = Path(run.dir).parent
         run.finish(exit_code=0 if status == "success" else 1)
+        # finish() can return before wandb-core has written the run's file; teardown waits until it has, so a job's
+        # run is whole on disk when the job ends (and the next job starts a fresh service)
+        wandb.teardown()
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", sync_dir)
 
