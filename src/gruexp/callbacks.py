@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 
 from gruexp.tracking import plot_ppl_curves, wandb_loggers
 
@@ -24,8 +24,8 @@ def _metric(trainer: L.Trainer, key: str) -> float:
     return float(v) if v is not None else math.nan
 
 
-class MetricsBar(TQDMProgressBar):
-    """Lightning's TQDM bar showing only epoch, train/ppl, val/ppl and tokens/sec (short names, no v_num)."""
+class MetricsBar(RichProgressBar):
+    """Lightning's Rich bar showing only epoch, train/ppl, val/ppl and tokens/sec (short names, no v_num)."""
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -67,7 +67,7 @@ class EpochLines(ProgressBar):
 
 
 def progress(enabled: bool = True, refresh_rate: int = 1) -> Callback:
-    """The progress display: a live TQDM bar on a terminal, one line per epoch when stdout is not a TTY.
+    """The progress display: a live Rich bar on a terminal, one line per epoch when stdout is not a TTY.
 
     `enabled` is `trainer.enable_progress_bar`: when false this returns a callback that does nothing, since Lightning
     refuses a progress-bar callback alongside `enable_progress_bar=false`.

@@ -110,6 +110,7 @@ class WandbLogger(_WandbLogger):
                 raise
             log.warning("W&B online init failed (%s); logging offline instead", str(e).splitlines()[0])
             self.mode = self._wandb_init["mode"] = "offline"
+            self._wandb_init["settings"] = self._wandb_init["settings"].model_copy(update={"silent": True})
             return _WandbLogger.experiment.fget(self)
 
     def finalize(self, status: str) -> None:
