@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import grad_norm
 from torchmetrics import SumMetric
 from torchmetrics.text import Perplexity
 
@@ -43,7 +44,7 @@ class CharLM(L.LightningModule):
         vocab = [
             str(t) for t in vocab
         ]  # plain strings, not Hydra's ListConfig: checkpoints load with weights_only
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)  # train() logs the whole config
         self.vocab = Vocab(idx_to_token=vocab)
         self.net = build_model(
             name,
@@ -91,6 +92,12 @@ class CharLM(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._t1 = time.perf_counter()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this before it clips: the global L2 norm that trainer.gradient_clip_val acts on
+        norms = grad_norm(self.net, norm_type=2)
+        if norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
     def on_train_epoch_end(self) -> None:
         # ThroughputMonitor logs per-step sliding windows from rank 0; we want one epoch figure for the summary

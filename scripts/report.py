@@ -1,0 +1,268 @@
+"""A sweep's report without a server: report.md (jobs sorted by val/ppl) and PNG plots, also sent to its W&B group.
+
+python scripts/report.py outputs/train/multirun/<sweep>            [--no-wandb]
+
+Reads every job folder's summary.json and csv/metrics.csv (the CSV logger's history), writes into the sweep folder
+report.md, val_ppl_curves.png, val_ppl_heatmap.png (hidden size x lr, one panel per model and clip value) and
+tokens_per_sec.png. Jobs that diverged or failed are listed as such, last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from gruexp import UserError  # noqa: E402
+from gruexp.tracking import plot_ppl_curves, wandb_mode  # noqa: E402
+
+log = logging.getLogger("gruexp.report")
+
+COLUMNS = ["job", "model", "hidden", "lr", "clip", "val/ppl", "train/ppl", "tokens/sec", "epochs", "status"]
+PLOTS = ("val_ppl_curves.png", "val_ppl_heatmap.png", "tokens_per_sec.png")
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def read_job(folder: Path) -> dict[str, Any]:
+    """One job's row: its summary.json, or its Hydra config when it died before writing one, plus its history."""
+    summary_path, config_path = folder / "summary.json", folder / ".hydra" / "config.yaml"
+    if summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        job = {
+            "model": s.get("model"),
+            "hidden": s.get("hidden_size"),
+            "lr": s.get("lr"),
+            "clip": s.get("gradient_clip_val"),
+            "val/ppl": _num(s.get("val_ppl")),
+            "train/ppl": _num(s.get("train_ppl")),
+            "tokens/sec": _num(s.get("tokens_per_sec")),
+            "epochs": s.get("epochs"),
+            "status": s.get("status", "completed"),
+        }
+    else:  # the job raised (or was killed) before train() could write its summary
+        c = OmegaConf.load(config_path)
+        job = {
+            "model": OmegaConf.select(c, "model.name"),
+            "hidden": OmegaConf.select(c, "model.hidden_size"),
+            "lr": OmegaConf.select(c, "optimizer.lr"),
+            "clip": OmegaConf.select(c, "trainer.gradient_clip_val"),
+            **{k: math.nan for k in ("val/ppl", "train/ppl", "tokens/sec")},
+            "epochs": None,
+            "status": "failed",
+        }
+    if job["status"] == "completed" and not math.isfinite(job["val/ppl"]):
+        job["status"] = "diverged"
+    job["job"] = folder.name
+    job["history"] = read_history(folder / "csv" / "metrics.csv")
+    return job
+
+
+def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch train/ppl and val/ppl from a CSVLogger metrics.csv (epochs counted from 1); empty if none."""
+    out: dict[str, list[tuple[int, float]]] = {"train/ppl": [], "val/ppl": []}
+    if not path.is_file():
+        return out
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            for key, points in out.items():
+                if row.get(key) not in (None, "") and row.get("epoch") not in (None, ""):
+                    points.append((int(float(row["epoch"])) + 1, float(row[key])))
+    return out
+
+
+def find_jobs(sweep: Path) -> list[dict[str, Any]]:
+    """Every job folder of a sweep (a child holding summary.json or .hydra/config.yaml), in job-number order."""
+    if not sweep.is_dir():
+        raise UserError(f"{sweep} is not a folder: pass a sweep folder such as outputs/train/multirun/<date>")
+    folders = [d for d in sweep.iterdir() if (d / "summary.json").is_file() or (d / ".hydra" / "config.yaml").is_file()]
+    if not folders:
+        raise UserError(f"{sweep} holds no job folders (none has summary.json or .hydra/config.yaml): is it a sweep?")
+    folders.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    return [read_job(d) for d in folders]
+
+
+def ranked(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Completed jobs by val/ppl, best first; diverged and failed ones after them."""
+    return sorted(jobs, key=lambda j: (j["status"] != "completed", _finite_or_inf(j["val/ppl"])))
+
+
+def _finite_or_inf(v: float) -> float:
+    return v if math.isfinite(v) else math.inf
+
+
+def _fmt(v: Any, key: str) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "—"
+        return f"{v:.0f}" if key == "tokens/sec" else f"{v:.3f}" if "ppl" in key else f"{v:g}"
+    return str(v)
+
+
+def label(job: dict[str, Any]) -> str:
+    """A job's short name in plots: number, model and its hyperparameters."""
+    return f"#{job['job']} {job['model']} h{job['hidden']} lr{job['lr']:g} clip{_fmt(job['clip'], 'clip')}"
+
+
+def write_markdown(sweep: Path, jobs: list[dict[str, Any]]) -> Path:
+    """report.md: the jobs table sorted by val/ppl, then the plots."""
+    lines = [
+        f"# Sweep report: {sweep.name}",
+        "",
+        f"{len(jobs)} jobs, {sum(j['status'] == 'completed' for j in jobs)} completed; sorted by val/ppl (lower is "
+        "better). Written by `scripts/report.py`.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for j in ranked(jobs):
+        status = j["status"] if j["status"] == "completed" else f"**{j['status']}**"
+        lines.append("| " + " | ".join(_fmt(j[c], c) if c != "status" else status for c in COLUMNS) + " |")
+    lines += ["", *(f"![{p}]({p})" for p in PLOTS), ""]
+    path = sweep / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot_heatmap(jobs: list[dict[str, Any]], path: Path) -> Path:
+    """val/ppl over hidden size (rows) x lr (columns), one panel per (model, clip); blank cells name the failure."""
+    panels: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
+    for j in jobs:
+        panels[(j["model"], j["clip"])][(j["hidden"], j["lr"])] = j  # a repeated cell keeps the later job
+    keys = sorted(panels, key=lambda k: (str(k[0]), _num(k[1])))
+    finite = [j["val/ppl"] for j in jobs if math.isfinite(j["val/ppl"])]
+    norm = LogNorm(min(finite), max(finite) * 1.0001) if finite else None
+    fig, axes = plt.subplots(1, len(keys), figsize=(1.5 + 3.6 * len(keys), 3.8), dpi=110, squeeze=False)
+    image = None
+    for ax, key in zip(axes[0], keys, strict=True):
+        cells = panels[key]
+        hiddens = sorted({h for h, _ in cells})
+        lrs = sorted({lr for _, lr in cells})
+        grid = [[cells.get((h, lr), {}).get("val/ppl", math.nan) for lr in lrs] for h in hiddens]
+        image = ax.imshow(grid, cmap="viridis_r", norm=norm, aspect="auto")
+        for r, h in enumerate(hiddens):
+            for c, lr in enumerate(lrs):
+                job, v = cells.get((h, lr)), grid[r][c]
+                if job is None:
+                    continue
+                ok = math.isfinite(v) and norm is not None
+                shade = sum(image.cmap(norm(v))[:3]) / 3 if ok else 1.0  # dark cell: white text
+                text = _fmt(v, "val/ppl") if ok else job["status"]
+                ax.text(c, r, text, ha="center", va="center", fontsize=9, color="white" if shade < 0.5 else "black")
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set_yticks(range(len(hiddens)), [str(h) for h in hiddens])
+        ax.set(xlabel="lr", ylabel="hidden size", title=f"val/ppl: {key[0]}, clip {_fmt(key[1], 'clip')}")
+    if image is not None and norm is not None:
+        bar = fig.colorbar(image, ax=axes[0].tolist(), label="val/ppl (lower is better)")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        bar.ax.yaxis.set_major_formatter(plain)
+        bar.ax.yaxis.set_minor_formatter(plain)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(jobs: list[dict[str, Any]], path: Path) -> Path:
+    """tokens/sec per variant (model and hidden size), the mean over that variant's completed jobs, with its range."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for j in jobs:
+        if math.isfinite(j["tokens/sec"]):
+            groups[(str(j["model"]), j["hidden"])].append(j["tokens/sec"])
+    keys = sorted(groups, key=lambda k: (k[0], _num(k[1])))
+    means = [sum(groups[k]) / len(groups[k]) for k in keys]
+    err = [
+        [m - min(groups[k]) for k, m in zip(keys, means, strict=True)],
+        [max(groups[k]) - m for k, m in zip(keys, means, strict=True)],
+    ]
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * max(len(keys), 2), 4), dpi=110)
+    bars = ax.bar([f"{m}\nh{h}" for m, h in keys], means, yerr=err, capsize=4, color="tab:blue")
+    ax.bar_label(bars, [f"{m:,.0f}" for m in means], fontsize=8, padding=2)
+    ax.set(ylabel="training tokens/sec", title="tokens/sec per variant\n(mean over its jobs; whiskers: min to max)")
+    ax.title.set_fontsize(10)
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def wandb_is_on(sweep: Path) -> bool:
+    """W&B was on for the sweep when its jobs logged to it (an offline/online run folder or a wandb logger config)."""
+    for d in sweep.iterdir():
+        if (d / "wandb").is_dir():
+            return True
+        cfg = d / ".hydra" / "config.yaml"
+        if cfg.is_file() and OmegaConf.select(OmegaConf.load(cfg), "logger.wandb") is not None:
+            return True
+    return False
+
+
+def log_to_wandb(sweep: Path, jobs: list[dict[str, Any]], images: list[Path]) -> None:
+    """Send the table and images to the sweep's W&B group (job type `report`), in the mode the jobs would use."""
+    import wandb
+
+    from gruexp.tracking import WandbLogger
+
+    logger = WandbLogger(
+        save_dir=str(sweep), project="gruexp", name=f"report-{sweep.name}", group=sweep.name, job_type="report"
+    )
+    run = logger.experiment
+    table = wandb.Table(columns=COLUMNS, data=[[j[c] for c in COLUMNS] for j in ranked(jobs)])
+    run.log({"report/jobs": table, **{f"report/{p.stem}": wandb.Image(str(p)) for p in images}})
+    logger.finalize("success")
+
+
+def report(sweep: Path, use_wandb: bool | None = None) -> Path:
+    """Write report.md and the plots into the sweep folder; log them to W&B when it is on. Returns report.md."""
+    jobs = find_jobs(sweep)
+    curves = {label(j): {"val/ppl": j["history"]["val/ppl"]} for j in jobs}
+    images = [
+        plot_ppl_curves(curves, sweep / PLOTS[0], f"validation perplexity per job ({sweep.name})"),
+        plot_heatmap(jobs, sweep / PLOTS[1]),
+        plot_throughput(jobs, sweep / PLOTS[2]),
+    ]
+    path = write_markdown(sweep, jobs)
+    if (wandb_is_on(sweep) if use_wandb is None else use_wandb) and wandb_mode() != "disabled":
+        log_to_wandb(sweep, jobs, images)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: a user error is one line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("sweep", type=Path, help="a multirun folder, e.g. outputs/train/multirun/<date>")
+    p.add_argument("--no-wandb", action="store_true", help="do not log the report to the sweep's W&B group")
+    args = p.parse_args(argv)
+    try:
+        path = report(args.sweep, use_wandb=False if args.no_wandb else None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} and {', '.join(PLOTS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

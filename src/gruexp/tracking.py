@@ -1,0 +1,237 @@
+"""W&B without waiting on a network: the mode chooser, the WandbLogger gruexp uses, a reader for offline runs, plots.
+
+Online only when the user is logged in (WANDB_API_KEY or a netrc entry for the W&B host), else offline inside the
+run's folder with one line that says how to upload it. Deciding reads the environment and a file, never the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+
+log = logging.getLogger("gruexp.tracking")
+
+MODES = ("online", "offline", "disabled")
+INIT_TIMEOUT_S = 30.0  # online init gives up after this and falls back to offline; offline init never waits
+
+
+def logged_in(env: Mapping[str, str] = os.environ) -> bool:
+    """True when W&B has credentials: WANDB_API_KEY, or a netrc entry for its host (what `wandb login` writes)."""
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(env.get("NETRC", Path.home() / ".netrc"))
+    try:
+        auth = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def wandb_mode(mode: str | None = None, env: Mapping[str, str] = os.environ) -> str:
+    """The W&B mode to run in: `mode` if given, else WANDB_MODE, else online when logged in and offline otherwise."""
+    from gruexp import UserError
+
+    mode = mode or env.get("WANDB_MODE") or ("online" if logged_in(env) else "offline")
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's old spellings
+    if mode not in MODES:
+        raise UserError(f"logger.wandb.mode={mode!r} is not a W&B mode: use one of {', '.join(MODES)} (or null)")
+    return mode
+
+
+def sweep_group() -> str | None:
+    """The W&B group of this job: its sweep folder's name under --multirun (one multirun = one group), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+
+
+class WandbLogger(_WandbLogger):
+    """Lightning's WandbLogger that picks its mode without the network, groups a sweep, and finishes its run.
+
+    Finishing in `finalize` makes every Hydra multirun job (run one after another in one process) its own W&B run.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        project: str = "gruexp",
+        name: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        tags: list[str] | None = None,
+        mode: str | None = None,
+        log_model: bool | str = False,
+        **kwargs: Any,
+    ) -> None:
+        import wandb
+
+        self.mode = wandb_mode(mode)
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        settings = kwargs.pop("settings", None) or wandb.Settings(
+            init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)),
+            silent=self.mode != "online",  # offline: our one line says how to upload, not wandb's banner
+        )
+        super().__init__(
+            name=name,
+            save_dir=save_dir,
+            project=project,
+            log_model=log_model,
+            group=group or sweep_group(),
+            job_type=job_type,
+            tags=[str(t) for t in tags or []],
+            mode=self.mode,
+            settings=settings,
+            **kwargs,
+        )
+        self._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb 0.31 warns that it is ignored
+
+    @property
+    def experiment(self):
+        """The W&B run (created on first use); an online init that fails or times out falls back to offline."""
+        try:
+            return _WandbLogger.experiment.fget(self)
+        except Exception as e:  # wandb raises CommError, UsageError or a timeout; all mean "no server now"
+            if self.mode != "online":
+                raise
+            log.warning("W&B online init failed (%s); logging offline instead", str(e).splitlines()[0])
+            self.mode = self._wandb_init["mode"] = "offline"
+            self._wandb_init["settings"] = self._wandb_init["settings"].model_copy(update={"silent": True})
+            return _WandbLogger.experiment.fget(self)
+
+    def finalize(self, status: str) -> None:
+        """Log checkpoints (log_model), then finish the run so the next multirun job starts its own."""
+        super().finalize(status)
+        run, self._experiment = self._experiment, None
+        if run is None or not hasattr(run, "finish"):
+            return
+        import wandb
+
+        sync_dir = Path(run.dir).parent
+        run.finish(exit_code=0 if status == "success" else 1)
+        # finish() can return before wandb-core has written the run's file; teardown waits until it has, so a job's
+        # run is whole on disk when the job ends (and the next job starts a fresh service)
+        wandb.teardown()
+        if self.mode == "offline":
+            log.info("W&B run saved offline; upload it with: wandb sync %s", sync_dir)
+
+
+def wandb_loggers(loggers: list[Any]) -> list[WandbLogger]:
+    """The W&B loggers among a trainer's loggers (others, CSV say, cannot take images or tables)."""
+    return [lg for lg in loggers if isinstance(lg, _WandbLogger)]
+
+
+# --- reading an offline run back ---------------------------------------------------------------------------------
+# wandb 0.31 ships no Python reader for .wandb files (the old wandb.sdk.internal.datastore moved into wandb-core), so
+# this walks the framing (LevelDB's log format behind a 7-byte ":W&B" header) and lets wandb.proto parse each record.
+_BLOCK, _HEADER, _RECORD_HEADER = 32768, struct.Struct("<4sHB"), struct.Struct("<IHB")
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def iter_records(path: str | Path) -> Iterator[Any]:
+    """Yield every `wandb.proto.wandb_internal_pb2.Record` stored in a run's .wandb file, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    ident, _, _ = _HEADER.unpack_from(data)
+    if ident != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    pos, buf = _HEADER.size, b""
+    while pos + _RECORD_HEADER.size <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _RECORD_HEADER.size:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = _RECORD_HEADER.unpack_from(data, pos)
+        pos += _RECORD_HEADER.size
+        if kind == 0:  # zero padding
+            continue
+        buf += data[pos : pos + length]
+        pos += length
+        if kind in (_FULL, _LAST):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def _item_key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """An offline run folder's run info, config, history rows and summary, as wandb recorded them."""
+    (path,) = Path(folder).glob("run-*.wandb")
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}}
+    for r in iter_records(path):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run = r.run
+            out["run"] = {
+                "id": run.run_id,
+                "name": run.display_name,
+                "project": run.project,
+                "group": run.run_group,
+                "job_type": run.job_type,
+                "tags": list(run.tags),
+            }
+            out["config"].update({_item_key(i): json.loads(i.value_json) for i in run.config.update})
+        elif kind == "config":
+            out["config"].update({_item_key(i): json.loads(i.value_json) for i in r.config.update})
+        elif kind == "history":
+            out["history"].append({_item_key(i): json.loads(i.value_json) for i in r.history.item})
+        elif kind == "summary":
+            out["summary"].update({_item_key(i): json.loads(i.value_json) for i in r.summary.update if _item_key(i)})
+    out["config"].pop("_wandb", None)
+    return out
+
+
+def offline_runs(run_dir: str | Path) -> list[Path]:
+    """The offline W&B run folders inside a gruexp run folder, oldest first."""
+    return sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
+
+
+# --- plots -------------------------------------------------------------------------------------------------------
+def plot_ppl_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]], path: str | Path, title: str) -> Path:
+    """Perplexity against epoch, one line per (label, metric), log scale; written as a PNG (Agg, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for label, metrics in curves.items():
+        for metric, points in metrics.items():
+            points = [(e, v) for e, v in points if math.isfinite(v)]
+            if points:
+                style = "--" if metric.startswith("train") else "-"
+                name = f"{label} {metric}" if len(metrics) > 1 else label
+                ax.plot(*zip(*points, strict=True), style, marker="." if len(points) < 40 else None, label=name)
+    ax.set(xlabel="epoch", ylabel="perplexity", title=title)
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 12 rather than 1.2x10^1
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=1 + len(ax.lines) // 12)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
