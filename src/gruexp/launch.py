@@ -198,12 +198,15 @@ class PrintBestRun(HydraCallback):
             log.warning("sweep %s: no job wrote a %s to its summary.json", sweep_dir, self.metric)
             return
         jobs.sort(key=lambda j: j[self.metric])
+        common = set.intersection(*(set(j["overrides"]) for j in jobs))  # print what differs between jobs
         for j in jobs:
-            log.info("job %s  %s %.3f  %s", j["job"], self.metric, j[self.metric], " ".join(j["overrides"]))
+            swept = " ".join(o for o in j["overrides"] if o not in common)
+            log.info("job %s  %s %.3f  %s", j["job"], self.metric, j[self.metric], swept)
         best = jobs[0]
         log.info(
-            "best of %d jobs: job %s, %s %.3f: %s",
-            len(jobs), best["job"], self.metric, best[self.metric], " ".join(best["overrides"]),
+            "best of %d jobs: job %s (%s), %s %.3f: %s",
+            len(jobs), best["job"], sweep_dir / best["job"], self.metric, best[self.metric],
+            " ".join(o for o in best["overrides"] if o not in common) or "(all jobs alike)",
         )
         payload = {"job": best["job"], "folder": str(sweep_dir / best["job"]), self.metric: best[self.metric],
                    "overrides": best["overrides"]}

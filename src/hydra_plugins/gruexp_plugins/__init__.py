@@ -41,6 +41,8 @@ class ResumableOptunaSweeper(OptunaSweeper):
                 finished = [t for t in study.trials if t.state.is_finished()]
                 impl.job_idx = len(study.trials)  # trial k -> job folder k; an interrupted trial keeps its folder
                 impl.n_trials = max(0, impl.n_trials - len(finished))
+                if study.trials and hasattr(impl.sampler, "reseed_rng"):
+                    impl.sampler.reseed_rng()  # a seeded sampler would otherwise repeat the first trials' params
                 log.info(
                     "resuming study %s: %d trials finished, %d to go", impl.study_name, len(finished), impl.n_trials
                 )
