@@ -43,7 +43,7 @@ def test_rank_streams_are_contiguous_and_split_the_global_batch():
             # row i of a rank's batch t+1 starts exactly where row i of its batch t ended
             assert [s + T for s in rank_batches[t]] == rank_batches[t + 1]
     # the two ranks' rows of step t are the global batch t a single process sees, rank 0 first
-    assert [b0 + b1 for b0, b1 in zip(*batches)] == whole.batches()
+    assert [b0 + b1 for b0, b1 in zip(*batches, strict=True)] == whole.batches()
 
 
 def _val_ppl(model, dm) -> float:
