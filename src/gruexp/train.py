@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import UserError
+from gruexp import UserError, launch
 
 log = logging.getLogger("gruexp.train")
 
@@ -37,6 +37,14 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _describe(cfg: DictConfig) -> str:
+    """The swept keys of a run, for logs: model, hidden size, lr, clip."""
+    return (
+        f"model={cfg.model.name} hidden_size={cfg.model.hidden_size} lr={cfg.optimizer.get('lr')} "
+        f"gradient_clip_val={cfg.trainer.get('gradient_clip_val')}"
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit one model as the config says and return its final metrics (also written to summary.json)."""
     out = Path(cfg.paths.output_dir)
@@ -51,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.get("scheduler")),
     )
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
     loggers = _instantiate_all(cfg.get("logger"))
     run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for lg in loggers:
@@ -103,7 +112,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     """Entry point: run train(cfg); a user error is one line and exit status 2, not a traceback."""
     try:
-        summary = train(cfg)
+        with launch.job_scope():  # DDP ranks re-run this job only; nothing of it leaks into a sweep's next job
+            summary = train(cfg)
     except UserError as e:
         log.error("%s", e)
         if HydraConfig.get().mode.name == "MULTIRUN":

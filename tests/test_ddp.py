@@ -1,0 +1,86 @@
+"""DDP on CPU (gloo, 2 processes): contiguous per-rank streams, reduced metrics, one folder written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from gruexp.data import StreamSampler
+from gruexp.generate import load
+from gruexp.train import train
+
+DIGEST = re.compile(r"rank (\d)/(\d) config ([0-9a-f]{12}) (.*)$", re.M)
+
+
+def rank_lines(job: Path) -> dict[int, tuple[str, str]]:
+    """Each rank's `rank r/w config <digest> <keys>` line, from rank 0's log and the other ranks' logs."""
+    found = {}
+    for log in job.glob("*.log"):
+        for rank, _, digest, keys in DIGEST.findall(log.read_text()):
+            found[int(rank)] = (digest, keys)
+    return found
+
+
+def test_rank_streams_are_contiguous_and_split_the_global_batch():
+    n, T, B = 1000, 7, 8
+    whole = StreamSampler(n, T, B, world_size=1, seed=3)
+    ranks = [StreamSampler(n, T, B, rank=r, world_size=2, seed=3) for r in (0, 1)]
+    for s in (whole, *ranks):
+        s.set_epoch(1)
+    per_rank = [list(s) for s in ranks]
+    assert [len(p) for p in per_rank] == [len(list(whole)) // 2] * 2
+    batches = [[p[i : i + 4] for i in range(0, len(p), 4)] for p in per_rank]  # 4 rows per rank per step
+    for rank_batches in batches:
+        for t in range(len(rank_batches) - 1):
+            # row i of a rank's batch t+1 starts exactly where row i of its batch t ended
+            assert [s + T for s in rank_batches[t]] == rank_batches[t + 1]
+    # the two ranks' rows of step t are the global batch t a single process sees, rank 0 first
+    assert [b0 + b1 for b0, b1 in zip(*batches, strict=True)] == whole.batches()
+
+
+def _val_ppl(model, dm) -> float:
+    """exp(mean token NLL) over the validation tail, one process, state carried as in training."""
+    nll, count, state = 0.0, 0, None
+    with torch.no_grad():
+        for x, y in dm.val_dataloader():
+            logits, state = model(x, state)
+            nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    return math.exp(nll / count)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_rank_zero_writes(tmp_path, make_cfg, corpus_path):
+    r = run_cli("gruexp.train", "model=torch", *TINY, "trainer.devices=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1  # no second folder for rank 1
+    job = runs[0]
+    assert {p.name for p in job.iterdir()} == {
+        ".hydra", "checkpoints", "csv", "summary.json", "train.log", "train_rank1.log"
+    }
+    hydra_cfg = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra
+    assert hydra_cfg.job.name == "train"  # rank 1 did not overwrite rank 0's record of the run
+    lines = rank_lines(job)
+    assert set(lines) == {0, 1} and lines[0] == lines[1]  # both ranks trained the same resolved config
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+
+    # val/ppl of the 2-process run = a 1-process evaluation of its checkpoint (each rank saw half the rows)
+    cfg = make_cfg("model=torch", out=tmp_path / "one")
+    model = load(job / "checkpoints" / "last.ckpt")
+    assert summary["val_ppl"] == pytest.approx(_val_ppl(model, instantiate(cfg.data, seed=cfg.seed)), rel=1e-5)
+
+    # data.batch_size is global: one process with the same seed takes the same steps to the same model
+    one = train(cfg)
+    assert one["global_step"] == summary["global_step"]
+    assert one["val_ppl"] == pytest.approx(summary["val_ppl"], rel=1e-4)
+    assert one["train_ppl"] == pytest.approx(summary["train_ppl"], rel=1e-4)  # reduced over both ranks
