@@ -11,7 +11,14 @@ from torch import Tensor
 from gruexp.models import MODEL_NAMES, FusedGRU, GRURecurrence, ScratchGRU, TorchGRU, build_model
 
 V, H, B, T = 11, 8, 3, 6
-VARIANTS = [("scratch", 1), ("torch", 1), ("torch", 2), ("fused", 1), ("fused", 2)]
+VARIANTS = [
+    ("scratch", 1, {}),
+    ("torch", 1, {}),
+    ("torch", 2, {}),
+    ("fused", 1, {}),
+    ("fused", 2, {}),
+    ("fused", 2, {"reset_after": False}),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +75,9 @@ def test_applicable_options_are_accepted():
     assert build_model("fused", vocab_size=V, hidden_size=H).rnn.reset_after is True
 
 
-@pytest.mark.parametrize("name, L", VARIANTS)
-def test_shapes_attributes_and_state_carry(name, L):
-    net = build_model(name, vocab_size=V, hidden_size=H, num_layers=L)
+@pytest.mark.parametrize("name, L, kwargs", VARIANTS)
+def test_shapes_attributes_and_state_carry(name, L, kwargs):
+    net = build_model(name, vocab_size=V, hidden_size=H, num_layers=L, **kwargs)
     assert (net.vocab_size, net.hidden_size, net.num_layers) == (V, H, L)
     x = tokens()
     logits, state = net(x)
@@ -94,11 +101,12 @@ def run(net: torch.nn.Module, x: Tensor, h0: Tensor, w_logits: Tensor, w_state: 
 
 
 @pytest.mark.parametrize("L", [1, 2])
-def test_fused_equals_torch_in_values_and_gradients(L):
+@pytest.mark.parametrize("b, t", [(B, T), (1, 3)])  # more and fewer tokens than V: both ways of gathering
+def test_fused_equals_torch_in_values_and_gradients(L, b, t):
     torch_net, fused = TorchGRU(V, H, L), FusedGRU(V, H, L)
     fused.load_state_dict(torch_net.state_dict(), strict=True)
-    x, h0 = tokens(), torch.randn(L, B, H)
-    w_logits, w_state = torch.randn(B, T, V), torch.randn(L, B, H)
+    x, h0 = tokens(b, t), torch.randn(L, b, H)
+    w_logits, w_state = torch.randn(b, t, V), torch.randn(L, b, H)
     expected, got = run(torch_net, x, h0, w_logits, w_state), run(fused, x, h0, w_logits, w_state)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)

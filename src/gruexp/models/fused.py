@@ -2,8 +2,9 @@
 
 Only the recurrence h_{t-1} -> h_t is sequential. The input projection of all T steps is one gather (layer 0)
 or one GEMM (later layers) before the loop, the output layer one GEMM after it; both use plain autograd.
-The loop itself runs one (B, H) x (H, 3H) product and a few fused elementwise ops per step, forward and
-backward, and the weight gradients are single GEMMs over all steps after the backward loop.
+The loop itself runs one (B, H) x (H, 3H) product (two, H x 2H and H x H, in the reset-before form) and a few
+elementwise ops per step, forward and backward; the gradients of gi, W_hh and b_hh are single GEMMs or sums
+over all steps after the backward loop.
 
 Gates are stacked r, z, n as in nn.GRU. reset_after=True is nn.GRU's (and cuDNN's) form,
     n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn)),
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 
-def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool, save: bool):
+def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool, save: bool) -> tuple[Tensor, tuple]:
     """Run the recurrence; return hs [T, B, H] and, if save, the gate activations backward needs."""
     T, B, H3 = gi.shape
     H = H3 // 3
@@ -137,15 +138,13 @@ class GRULayers(nn.Module):
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.dropout, self.reset_after = dropout, reset_after
         H = hidden_size
-        self.layer_names = [
-            (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}") for k in range(num_layers)
-        ]
+        self.layer_names = []
         for k in range(num_layers):
-            in_size = vocab_size if k == 0 else H
-            setattr(self, f"weight_ih_l{k}", nn.Parameter(torch.empty(3 * H, in_size)))
-            setattr(self, f"weight_hh_l{k}", nn.Parameter(torch.empty(3 * H, H)))
-            setattr(self, f"bias_ih_l{k}", nn.Parameter(torch.empty(3 * H)))
-            setattr(self, f"bias_hh_l{k}", nn.Parameter(torch.empty(3 * H)))
+            names = (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}")
+            shapes = ((3 * H, vocab_size if k == 0 else H), (3 * H, H), (3 * H,), (3 * H,))
+            for name, shape in zip(names, shapes, strict=True):
+                setattr(self, name, nn.Parameter(torch.empty(shape)))
+            self.layer_names.append(names)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -160,10 +159,14 @@ class GRULayers(nn.Module):
             h0 = self.weight_hh_l0.new_zeros(self.num_layers, tokens.shape[1], self.hidden_size)
         x, h_n = tokens, []
         for k, names in enumerate(self.layer_names):
-            w_ih, w_hh, b_ih, b_hh = (self._parameters[name] for name in names)
+            w_ih, w_hh, b_ih, b_hh = (getattr(self, name) for name in names)
             if k == 0:
-                # one-hot(x) W_ih^T + b_ih is row x of W_ih^T + b_ih; contiguous, or the gather reads strided rows
-                gi = F.embedding(x, (w_ih.t() + b_ih).contiguous())
+                # one_hot(x) W_ih^T + b_ih is row x of the table W_ih^T + b_ih. W_ih^T is a transposed view: gathering
+                # many rows pays for a contiguous table (V x 3H); a few (generation) are gathered strided.
+                if x.numel() > w_ih.shape[1]:
+                    gi = F.embedding(x, (w_ih.t() + b_ih).contiguous())
+                else:
+                    gi = F.embedding(x, w_ih.t()) + b_ih
             else:
                 gi = F.linear(F.dropout(x, self.dropout, self.training), w_ih, b_ih)
             x = gru_recurrence(gi, h0[k], w_hh, b_hh, self.reset_after)
