@@ -16,7 +16,8 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-os.environ.setdefault("GRUEXP_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+# Absolute, so that processes the tests start in other folders find the corpus too.
+os.environ["GRUEXP_DATA_DIR"] = str(Path(os.environ.get("GRUEXP_DATA_DIR", ROOT.parent / "shared" / "data")).resolve())
 os.environ.setdefault("WANDB_MODE", "offline")
 # One thread per process, inherited by every process a test starts: tiny models gain nothing from more, and two
 # processes (DDP) on 2 cores must not oversubscribe them (OpenMP's spin-waits then slow everything 100-fold).

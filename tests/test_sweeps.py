@@ -57,8 +57,7 @@ def test_grid_multirun_runs_every_combination(tmp_path, corpus_path):
 
 @pytest.mark.slow
 def test_multirun_with_two_processes_and_one_wandb_run_per_job(tmp_path, corpus_path):
-    wandb = ["+logger.wandb._target_=lightning.pytorch.loggers.WandbLogger", "+logger.wandb.offline=true",
-             "+logger.wandb.save_dir=${paths.output_dir}", "+logger.wandb.project=gruexp-test"]
+    wandb = ["logger=wandb", "logger.wandb.mode=offline", "logger.wandb.project=gruexp-test"]
     r = run_cli("gruexp.train", "-m", "model=torch", "optimizer.lr=0.5,2", "trainer.devices=2", *wandb, *ONE_EPOCH,
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
