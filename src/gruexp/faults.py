@@ -49,7 +49,7 @@ class Diverged(RuntimeError):
 
 
 class DivergenceDetector(Callback):
-    """Stop at the first training loss whose perplexity is not finite, on every rank at once (so no DDP rank waits on a dead one).
+    """Stop at the first loss whose perplexity is not finite, on all ranks at once (no DDP rank waits on a dead one).
 
     Lightning's EarlyStopping(check_finite=True) checks only a logged metric at epoch end, after ModelCheckpoint may
     already have saved the NaN weights; this checks each step's loss before its backward and optimizer step.
@@ -203,7 +203,7 @@ def check_choices(args: Sequence[str], conf_dir: str | os.PathLike) -> None:
         choices = sorted(p.stem for p in (conf / group).glob("*.yaml"))
         bad = [v for v in values if v not in choices and v != "null"]
         if bad:
-            print(f"Error: unknown {group}={bad[0]}: choose one of {', '.join(choices)}", file=sys.stderr)
+            print(f"Error: Could not find '{group}/{bad[0]}': choose one of {', '.join(choices)}", file=sys.stderr)
             raise SystemExit(2)
 
 
