@@ -67,14 +67,16 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(make_cfg, tmp_path, 
     if partition not in uninterrupted:
         uninterrupted[partition] = train(make_cfg(*common, out=tmp_path / "full"))
     full = uninterrupted[partition]
-    # 37 batches an epoch: step 50 is inside the second epoch, 74 is its end
-    step = 50 if where == "mid-epoch" else 74
-    with pytest.raises(SystemExit) as e:
-        kill = ["+callbacks.kill._target_=inject.SignalAt", f"+callbacks.kill.step={step}"]
-        train(make_cfg(*common, *kill, out=tmp_path / "a"))
-    assert e.value.code == 130
-    cut = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert (cut["status"], cut["global_step"]) == ("interrupted", step)
+    if where == "mid-epoch":  # SIGTERM, as SLURM sends, after step 50: 37 batches an epoch, so inside the second
+        kill = ["+callbacks.kill._target_=inject.SignalAt", "+callbacks.kill.step=50"]
+        with pytest.raises(SystemExit) as e:
+            train(make_cfg(*common, *kill, out=tmp_path / "a"))
+        assert e.value.code == 128 + 15
+        cut = json.loads((tmp_path / "a" / "summary.json").read_text())
+        # the signal arrives after this batch end's check (callback order): the stop is one batch later
+        assert (cut["status"], cut["global_step"]) == ("interrupted", 51)
+    else:  # a run that ended after epoch 2 of 3
+        assert train(make_cfg(*common, "trainer.max_epochs=2", out=tmp_path / "a"))["global_step"] == 74
     resumed = train(make_cfg(*common, "ckpt_path=last", out=tmp_path / "b"))
     assert resumed["global_step"] == full["global_step"] and resumed["status"] == "completed"
     assert resumed["val_ppl"] == pytest.approx(full["val_ppl"], abs=1e-6)
@@ -92,10 +94,10 @@ def test_sigint_from_cli_saves_last_and_ckpt_path_last_resumes_in_a_new_folder(t
     kill = ["+callbacks.kill._target_=inject.SignalAt", "+callbacks.kill.step=20", "+callbacks.kill.signum=SIGINT"]
     r = run_cli("gruexp.train", *TINY, *kill, f"hydra.run.dir={runs / 'a'}")
     assert r.returncode == 130, r.stderr[-2000:]
-    assert "Ctrl+C again to abort now" in r.stdout + r.stderr
+    assert "SIGINT: finishing the current batch, saving last.ckpt" in r.stdout + r.stderr
     first = runs / "a" / "checkpoints" / "last.ckpt"
     assert json.loads((runs / "a" / "summary.json").read_text())["status"] == "interrupted"
-    assert torch.load(first, weights_only=True)["global_step"] == 20
+    assert torch.load(first, weights_only=True)["global_step"] == 21
     before = first.read_bytes()
     r = run_cli("gruexp.train", *TINY, "ckpt_path=last", f"hydra.run.dir={runs / 'b'}")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -252,3 +254,19 @@ def test_ddp_rank_that_raises_ends_the_whole_job(tmp_path, inject_path, corpus_p
     assert r.returncode != 0
     assert "injected failure in rank 1 at step 3" in r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, inject_path, corpus_path):
+    ddp = [*TINY, *EXACT, "trainer.max_epochs=2", "trainer.devices=2", "+trainer.strategy=ddp"]
+    runs = tmp_path / "runs"
+    assert run_cli("gruexp.train", *ddp, f"hydra.run.dir={runs / 'full'}", timeout=180).returncode == 0
+    kill = ["+callbacks.kill._target_=inject.SignalAt", "+callbacks.kill.step=20"]  # rank 0 only
+    r = run_cli("gruexp.train", *ddp, *kill, f"hydra.run.dir={runs / 'a'}", timeout=180)
+    assert r.returncode == 128 + 15, r.stderr[-2000:]
+    r = run_cli("gruexp.train", *ddp, f"ckpt_path={runs / 'a'}", f"hydra.run.dir={runs / 'b'}", timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    full, cut, resumed = (json.loads((runs / n / "summary.json").read_text()) for n in ("full", "a", "b"))
+    assert (cut["status"], cut["global_step"], cut["world_size"]) == ("interrupted", 21, 2)
+    assert resumed["val_ppl"] == pytest.approx(full["val_ppl"], abs=1e-6)
+    assert resumed["train_ppl"] == pytest.approx(full["train_ppl"], abs=1e-6)

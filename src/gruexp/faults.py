@@ -1,7 +1,7 @@
 """What Lightning and Hydra leave to us when things go wrong: interruption, divergence, bad input, atomic saves.
 
-- InterruptCheckpoint: SIGINT (Ctrl+C) takes Lightning's SIGTERM path (stop at the end of the current batch) and
-  both save last.ckpt there, so a preempted run resumes exactly; crashes and divergence save nothing.
+- InterruptCheckpoint: SIGTERM or SIGINT stop every rank after the same batch and save last.ckpt there, so a
+  preempted run resumes exactly; crashes and divergence save nothing.
 - DivergenceDetector: a non-finite loss stops the run before its backward, naming the step (weights stay good).
 - AtomicCheckpointIO: checkpoints are written to a temporary file beside the target, then renamed.
 - resolve_ckpt_path, check_devices, user_error, check_choices, ProtectOutputDir: bad input as one clear line.
@@ -24,7 +24,7 @@ import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from gruexp import UserError
@@ -32,7 +32,7 @@ from gruexp import UserError
 log = logging.getLogger(__name__)
 
 LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # "last.ckpt"
-INTERRUPT_EXIT = 130  # the shell's code for a run stopped by a signal (128 + SIGINT)
+INTERRUPT_EXIT = 130  # the shell's code for a run stopped by Ctrl+C (128 + SIGINT)
 DIVERGED_EXIT = 3
 
 
@@ -63,44 +63,72 @@ class DivergenceDetector(Callback):
             raise Diverged(trainer.global_step, trainer.current_epoch, float(loss.detach()))
 
 
-class InterruptCheckpoint(Callback):
-    """On SIGTERM (SLURM preemption) or a first SIGINT (Ctrl+C), finish the current batch, save last.ckpt, exit.
+class Interrupted(SystemExit):
+    """Training stopped on a signal at a batch boundary, after last.ckpt was saved; exit status 128 + signal."""
 
-    Lightning already turns SIGTERM into a SIGTERMException at the next batch boundary (and tells the other DDP
-    ranks); SIGINT would raise KeyboardInterrupt anywhere, mid-step, so we route it through SIGTERM instead.
-    A second Ctrl+C interrupts at once. Only interruptions save: after a crash or divergence the weights or the
-    loop state may be bad, and the last good checkpoint must stay as it is.
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(128 + signum)
+
+
+class InterruptCheckpoint(Callback):
+    """On SIGTERM (SLURM preemption) or SIGINT (Ctrl+C): finish the batch, save last.ckpt on every rank, exit.
+
+    Lightning's own SIGTERM handling raises on each rank at the first batch end after that rank saw the signal;
+    under DDP the ranks can stop at different batches and then wait on each other's collectives forever, and it
+    leaves SIGINT to raise KeyboardInterrupt mid-step. So during training we take both signals, agree at each
+    batch end whether any rank got one, and all stop after the same batch (not an epoch's last, so that epoch's
+    validation still runs before the stop). A second signal of the same kind acts at once (the old handlers).
+    Only interruptions save: after a crash or divergence the weights may be bad and the last good file stays.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
+        self._signum = 0  # the signal this rank received, 0 if none
+        self._stop = 0  # the signal all ranks agreed to stop on
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning installs its SIGTERM handler just before training starts; ours goes on top for SIGINT.
-        if self._previous is None and _in_main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        # after Lightning installed its SIGTERM handler (just before training): ours go on top until the end
+        if not self._previous and _in_main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        log.warning("interrupted: finishing the current batch and saving last.ckpt (Ctrl+C again to abort now)")
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.warning(
+            "%s: finishing the current batch, saving last.ckpt, then exiting (send it again to abort now)",
+            signal.Signals(signum).name,
+        )
+        self._signum = signum
         self._restore()
-        os.kill(os.getpid(), signal.SIGTERM)
 
     def _restore(self) -> None:
-        if self._previous is not None and _in_main_thread():
-            signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
+        if _in_main_thread():
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        signum = self._signum
+        if trainer.world_size > 1:  # one collective per step, like Lightning's own SIGTERM broadcast
+            signum = int(trainer.strategy.reduce(torch.tensor(float(signum)), reduce_op="max"))
+        self._stop = self._stop or signum
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self._stop and not last:
+            raise Interrupted(self._stop, trainer.global_step)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
         ckpt = trainer.checkpoint_callback
-        if not isinstance(exception, SIGTERMException) or not isinstance(ckpt, ModelCheckpoint) or not ckpt.dirpath:
+        if not isinstance(exception, Interrupted) or not isinstance(ckpt, ModelCheckpoint) or not ckpt.dirpath:
             return
+        # raised from on_train_batch_end: Lightning resumes this like ModelCheckpoint's every_n_train_steps saves
         path = os.path.join(ckpt.dirpath, LAST)
         trainer.save_checkpoint(path)
         ckpt.last_model_path = path
         if trainer.is_global_zero:
             log.warning(
-                "saved %s at epoch %d, step %d: resume with ckpt_path=%s",
+                "saved %s at epoch %d, step %d: resume with ckpt_path=last (or ckpt_path=%s)",
                 path, trainer.current_epoch, trainer.global_step, path,
             )
 

@@ -107,6 +107,8 @@ class CharLM(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         # ThroughputMonitor logs per-step sliding windows from rank 0; we want one epoch figure for the summary
         # and dashboards: all ranks' tokens (a synced SumMetric) over the epoch's training wall time.
+        if self.train_tokens.update_count == 0:
+            return  # a resume from an epoch's end re-enters that epoch's end with no batch trained
         tokens = self.train_tokens.compute()
         self.train_tokens.reset()
         self.log("train/tokens_per_sec", tokens / max(self._t1 - self._t0, 1e-9), prog_bar=True)
@@ -130,12 +132,20 @@ class CharLM(L.LightningModule):
         """Save what a mid-epoch resume needs to continue exactly: carried state, epoch's train metric, RNG."""
         if self._trainer is None:
             return
+        state = self._train_state if self.trainer.validating else self.state
+        if state is not None and self.trainer.world_size > 1:
+            # every rank carries its own rows; Lightning builds the checkpoint on all ranks, so gather them
+            state = self.all_gather(state)
         checkpoint["gruexp_resume"] = {
             "epoch": self.current_epoch,
             # the index of the next training batch (the loader's own state says where the data continues)
             "batch": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready,
-            "state": self._train_state if self.trainer.validating else self.state,
-            "train_ppl": dict(self.train_ppl.metric_state),
+            "world_size": self.trainer.world_size,
+            "state": state,
+            "train_ppl": {
+                k: self.all_gather(v) if self.trainer.world_size > 1 else v
+                for k, v in self.train_ppl.metric_state.items()
+            },
             "rng": torch.get_rng_state(),  # dropout's; the partitions draw from their own seeded generators
         }
 
@@ -147,9 +157,14 @@ class CharLM(L.LightningModule):
         r, self._resume = self._resume, None
         if (r["epoch"], r["batch"]) != (self.current_epoch, batch_idx):
             return  # the checkpoint ended its epoch: the new epoch starts fresh
-        self.state = None if r["state"] is None else r["state"].to(self.device)
+        state, world = r["state"], r.get("world_size", 1)
+        if world != self.trainer.world_size:
+            log.warning("resumed on %d devices, saved on %d: state restarts", self.trainer.world_size, world)
+            return
+        mine = (lambda t: t[self.global_rank]) if world > 1 else (lambda t: t)  # this rank's share of a gathered one
+        self.state = None if state is None else mine(state).to(self.device)
         for k, v in r["train_ppl"].items():
-            setattr(self.train_ppl, k, v.to(self.device))
+            setattr(self.train_ppl, k, mine(v).to(self.device))
         torch.set_rng_state(r["rng"])
 
     @torch.no_grad()
