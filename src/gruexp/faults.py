@@ -213,7 +213,7 @@ def user_error(exc: BaseException) -> UserError | None:
         if isinstance(e, MisconfigurationException):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return UserError(f"trainer: {first} (check trainer.accelerator and trainer.devices)")
-        e = e.__cause__ or e.__context__
+        e = e.__cause__  # Hydra raises InstantiationException(...) from the error
     return None
 
 
