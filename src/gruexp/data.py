@@ -181,9 +181,22 @@ class StreamSampler(Sampler[int]):
         self.rank, self.world_size, self.seed, self.shuffle_offset = rank, world_size, seed, shuffle_offset
         self.rows = batch_size // world_size
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a checkpoint
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """Start the next pass over `epoch` after its first `batches` batches (a mid-epoch checkpoint's position)."""
+        self._resume = (epoch, batches)
+
+    def take_skip(self) -> int:
+        """How many batches the pass about to start skips: the resume position if it is for this epoch, else 0."""
+        epoch, batches = self._resume or (-1, 0)
+        self._resume = None
+        self._skip = batches if epoch == self.epoch else 0
+        return self._skip
 
     def batches(self) -> list[list[int]]:
         """Every batch of the epoch, all ranks' rows, as window starts."""
@@ -199,11 +212,39 @@ class StreamSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         lo = self.rank * self.rows
-        for batch in self.batches():
+        skip, self._skip = self._skip, 0
+        for batch in self.batches()[skip:]:
             yield from batch[lo : lo + self.rows]
 
     def __len__(self) -> int:
         return len(self.batches()) * self.rows
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a StreamSampler that Lightning can checkpoint mid-epoch (state_dict / load_state_dict).
+
+    Lightning's fit loop saves `state_dict()` of every training loader that has one and, on a mid-epoch resume,
+    loads it before iterating; the state is (epoch, batches handed out), so the resumed pass skips exactly those.
+    """
+
+    sampler: StreamSampler
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._batches = 0
+
+    def __iter__(self):
+        # runs at the first next(), after Lightning's set_epoch: the skip is decided for the right epoch
+        self._batches = self.sampler.take_skip()
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches"])
 
 
 class TimeMachineDataModule(L.LightningDataModule):
@@ -258,7 +299,7 @@ class TimeMachineDataModule(L.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def _loader(self, ids: torch.Tensor, batch_size: int, partition: str, shuffle_offset: bool) -> DataLoader:
+    def _loader(self, ids: torch.Tensor, batch_size: int, partition: str, shuffle_offset: bool) -> StreamLoader:
         rank, world = self._rank()
         sampler = StreamSampler(
             len(ids), self.num_steps, batch_size, partition, rank, world, self.seed, shuffle_offset
@@ -268,7 +309,7 @@ class TimeMachineDataModule(L.LightningDataModule):
                 f"the {len(ids)}-token split holds no batch of {batch_size} rows x {self.num_steps} steps: "
                 "lower data.batch_size or data.num_steps, or raise data.max_tokens"
             )
-        return DataLoader(
+        return StreamLoader(
             Windows(ids, self.num_steps),
             batch_size=sampler.rows,
             sampler=sampler,
@@ -276,10 +317,10 @@ class TimeMachineDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StreamLoader:
         return self._loader(self.train_ids, self.batch_size, self.partition, shuffle_offset=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> StreamLoader | list:
         if not len(self.val_ids):
             return []
         # The tail is short: use as many rows as it can fill (a multiple of the world size), up to batch_size.

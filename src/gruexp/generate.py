@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 from pathlib import Path
 
@@ -23,9 +24,31 @@ def load(ckpt_path: str | Path, device: str = "cpu") -> CharLM:
         raise UserError(f"checkpoint {p} does not exist: pass ckpt_path=<run>/checkpoints/last.ckpt")
     try:
         model = CharLM.load_from_checkpoint(p, map_location=device)
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"{p} is not a gruexp checkpoint ({type(e).__name__}: {e})") from e
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise UserError(_mismatch(p)) from e
+        raise UserError(f"{p} is not a gruexp checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    except (KeyError, TypeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"{p} is not a gruexp checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     return model.eval()
+
+
+def _mismatch(p: Path) -> str:
+    """Name the first weight whose shape disagrees with the vocabulary / hidden size the checkpoint declares."""
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    expected = CharLM(**hp).state_dict()
+    V, H = len(hp["vocab"]), hp["hidden_size"]
+    for k, w in ckpt["state_dict"].items():
+        if k in expected and expected[k].shape != w.shape:
+            dims = set(w.shape)
+            which = "vocabulary" if V not in dims else "hidden size" if H not in dims else "shape"
+            return (
+                f"{p}: its weights do not fit its {which} (vocabulary of {V} tokens, hidden size {H}): {k} is "
+                f"{list(w.shape)}, expected {list(expected[k].shape)}; the file mixes two runs, use the run's own "
+                "checkpoints/last.ckpt"
+            )
+    return f"{p}: its weights do not fit its hyper-parameters; use the run's own checkpoints/last.ckpt"
 
 
 def generate(model: CharLM, prefix: str, num_chars: int = 50, temperature: float = 0.0, seed: int = 0) -> str:

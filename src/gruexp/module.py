@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import grad_norm
 from torchmetrics import SumMetric
 from torchmetrics.text import Perplexity
 
+from gruexp import UserError
 from gruexp.data import Vocab
 from gruexp.models import build_model
 
@@ -41,6 +42,9 @@ class CharLM(L.LightningModule):
         sample_chars: int = 50,
     ):
         super().__init__()
+        for option, v in (("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise UserError(f"model.{option} must be a positive integer, got {v!r}")
         vocab = [
             str(t) for t in vocab
         ]  # plain strings, not Hydra's ListConfig: checkpoints load with weights_only
@@ -57,6 +61,8 @@ class CharLM(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.carry_state = carry_state
         self.state: torch.Tensor | None = None
+        self._resume: dict | None = None  # a mid-epoch checkpoint's carried state, applied at its next batch
+        self._train_state: torch.Tensor | None = None
         self.train_ppl, self.val_ppl = Perplexity(), Perplexity()
         self.train_tokens = SumMetric()  # summed over ranks: tokens/sec counts every device's tokens
         self.sample = ""
@@ -78,11 +84,17 @@ class CharLM(L.LightningModule):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
         return loss, logits
 
+    def on_train_start(self) -> None:
+        # a mid-epoch resume skips on_train_epoch_start: time that partial epoch from here
+        self._t0 = self._t1 = time.perf_counter()
+
     def on_train_epoch_start(self) -> None:
         self.state = None
         self._t0 = self._t1 = time.perf_counter()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self._resume is not None:
+            self._apply_resume(batch_idx)
         loss, logits = self._step(batch, carry=self.carry_state)
         self.train_ppl(logits.detach(), batch[1])
         self.train_tokens(batch[1].numel())
@@ -102,6 +114,8 @@ class CharLM(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         # ThroughputMonitor logs per-step sliding windows from rank 0; we want one epoch figure for the summary
         # and dashboards: all ranks' tokens (a synced SumMetric) over the epoch's training wall time.
+        if self.train_tokens.update_count == 0:
+            return  # a resume from an epoch's end re-enters that epoch's end with no batch trained
         tokens = self.train_tokens.compute()
         self.train_tokens.reset()
         self.log("train/tokens_per_sec", tokens / max(self._t1 - self._t0, 1e-9), prog_bar=True)
@@ -120,6 +134,45 @@ class CharLM(L.LightningModule):
             self.sample = self.predict(self.hparams.sample_prefix, self.hparams.sample_chars)
             if self.trainer.is_global_zero:
                 log.info("epoch %d sample: %s", self.current_epoch, self.sample)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save what a mid-epoch resume needs to continue exactly: carried state, epoch's train metric, RNG."""
+        if self._trainer is None:
+            return
+        state = self._train_state if self.trainer.validating else self.state
+        if state is not None and self.trainer.world_size > 1:
+            # every rank carries its own rows; Lightning builds the checkpoint on all ranks, so gather them
+            state = self.all_gather(state)
+        checkpoint["gruexp_resume"] = {
+            "epoch": self.current_epoch,
+            # the index of the next training batch (the loader's own state says where the data continues)
+            "batch": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+            "world_size": self.trainer.world_size,
+            "state": state,
+            "train_ppl": {
+                k: self.all_gather(v) if self.trainer.world_size > 1 else v
+                for k, v in self.train_ppl.metric_state.items()
+            },
+            "rng": torch.get_rng_state(),  # dropout's; the partitions draw from their own seeded generators
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume = checkpoint.get("gruexp_resume")
+
+    def _apply_resume(self, batch_idx: int) -> None:
+        """On the first batch after a resume: if it is the checkpoint's next batch, restore the carried state."""
+        r, self._resume = self._resume, None
+        if (r["epoch"], r["batch"]) != (self.current_epoch, batch_idx):
+            return  # the checkpoint ended its epoch: the new epoch starts fresh
+        state, world = r["state"], r.get("world_size", 1)
+        if world != self.trainer.world_size:
+            log.warning("resumed on %d devices, saved on %d: state restarts", self.trainer.world_size, world)
+            return
+        mine = (lambda t: t[self.global_rank]) if world > 1 else (lambda t: t)  # this rank's share of a gathered one
+        self.state = None if state is None else mine(state).to(self.device)
+        for k, v in r["train_ppl"].items():
+            setattr(self.train_ppl, k, mine(v).to(self.device))
+        torch.set_rng_state(r["rng"])
 
     @torch.no_grad()
     def predict(

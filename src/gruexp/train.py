@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import UserError, launch
+from gruexp import faults, launch
 
 log = logging.getLogger("gruexp.train")
 
@@ -48,6 +48,8 @@ def _describe(cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit one model as the config says and return its final metrics (also written to summary.json)."""
     out = Path(cfg.paths.output_dir)
+    faults.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
+    ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out)
     seed = L.seed_everything(cfg.seed, workers=True)
     start = time.perf_counter()
 
@@ -66,7 +68,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(run_config)  # the whole resolved config: W&B's run config, CSV's hparams.yaml
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    status, error = "completed", None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except faults.Diverged as e:
+        status, error = "diverged", e
+    except SystemExit as e:  # Lightning's exit after SIGTERM (preemption) or Ctrl+C, last.ckpt saved
+        status, error = "interrupted", SystemExit(e.code or faults.INTERRUPT_EXIT)
+    except BaseException as e:
+        status, error = "failed", e
+    if status == "completed" and trainer.interrupted:
+        status = "interrupted"
 
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = {
@@ -86,8 +98,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": time.perf_counter() - start,
         "sample": model.sample,
         "seed": seed,
-        "status": "interrupted" if trainer.interrupted else "completed",
+        "status": status,  # completed | interrupted | diverged | failed
     }
+    if error is not None and not isinstance(error, SystemExit):
+        summary["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
     ckpt = trainer.checkpoint_callback
     if ckpt is not None:
         summary["best_val_ppl"] = (
@@ -98,13 +112,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(out / "summary.json", summary)
         log.info(
-            "val/ppl %.3f | train/ppl %.3f | %.0f tokens/sec | %s",
+            "%sval/ppl %.3f | train/ppl %.3f | %.0f tokens/sec | %s",
+            "" if status == "completed" else f"{status.upper()}: ",
             summary["val_ppl"],
             summary["train_ppl"],
             summary["tokens_per_sec"],
             out,
         )
         log.info("sample: %s", summary["sample"])
+    if error is not None:
+        raise error
     return summary
 
 
@@ -114,13 +131,17 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with launch.job_scope():  # DDP ranks re-run this job only; nothing of it leaks into a sweep's next job
             summary = train(cfg)
-    except UserError as e:
-        log.error("%s", e)
+    except Exception as e:
+        user = faults.user_error(e)
+        if user is None and not isinstance(e, faults.Diverged):
+            raise  # a bug: keep its traceback
+        log.error("%s", user or e)
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise  # let the sweep record this job as failed and go on with the others
-        sys.exit(2)
+        sys.exit(2 if user else faults.DIVERGED_EXIT)
     return summary["val_ppl"]  # the objective a sweeper (Optuna) minimises
 
 
 if __name__ == "__main__":
+    faults.check_choices(sys.argv[1:], Path(__file__).resolve().parents[2] / "conf")
     main()

@@ -1,0 +1,271 @@
+"""What Lightning and Hydra leave to us when things go wrong: interruption, divergence, bad input, atomic saves.
+
+- InterruptCheckpoint: SIGTERM or SIGINT stop every rank after the same batch and save last.ckpt there, so a
+  preempted run resumes exactly; crashes and divergence save nothing.
+- DivergenceDetector: a non-finite loss stops the run before its backward, naming the step (weights stay good).
+- AtomicCheckpointIO: checkpoints are written to a temporary file beside the target, then renamed.
+- resolve_ckpt_path, check_devices, user_error, check_choices, ProtectOutputDir: bad input as one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.experimental.callback import Callback as HydraCallback
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
+
+from gruexp import UserError
+
+log = logging.getLogger(__name__)
+
+LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # "last.ckpt"
+INTERRUPT_EXIT = 130  # the shell's code for a run stopped by Ctrl+C (128 + SIGINT)
+DIVERGED_EXIT = 3
+
+
+class Diverged(RuntimeError):
+    """The training loss became non-finite; raised before its backward so the weights are still the last good ones."""
+
+    def __init__(self, step: int, epoch: int, loss: float):
+        self.step, self.epoch, self.loss = step, epoch, loss
+        super().__init__(
+            f"training diverged: loss is {loss:.4g} (perplexity exp(loss) is not finite) at step {step} "
+            f"(epoch {epoch}); "
+            "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=1.0)"
+        )
+
+
+class DivergenceDetector(Callback):
+    """Stop at the first loss whose perplexity is not finite, on all ranks at once (no DDP rank waits on a dead one).
+
+    Lightning's EarlyStopping(check_finite=True) checks only a logged metric at epoch end, after ModelCheckpoint may
+    already have saved the NaN weights; this checks each step's loss before its backward and optimizer step.
+    """
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        # exp(loss) overflows float32 above ~88.7: the perplexity is infinite long before the loss is
+        finite = bool(torch.isfinite(loss.detach().float().exp()).all())
+        # every rank must take the same decision, or the healthy ones hang in the gradient all-reduce
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise Diverged(trainer.global_step, trainer.current_epoch, float(loss.detach()))
+
+
+class Interrupted(SystemExit):
+    """Training stopped on a signal at a batch boundary, after last.ckpt was saved; exit status 128 + signal."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(128 + signum)
+
+
+class InterruptCheckpoint(Callback):
+    """On SIGTERM (SLURM preemption) or SIGINT (Ctrl+C): finish the batch, save last.ckpt on every rank, exit.
+
+    Lightning's own SIGTERM handling raises on each rank at the first batch end after that rank saw the signal;
+    under DDP the ranks can stop at different batches and then wait on each other's collectives forever, and it
+    leaves SIGINT to raise KeyboardInterrupt mid-step. So during training we take both signals, agree at each
+    batch end whether any rank got one, and all stop after the same batch (not an epoch's last, so that epoch's
+    validation still runs before the stop). A second signal of the same kind acts at once (the old handlers).
+    Only interruptions save: after a crash or divergence the weights may be bad and the last good file stays.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._signum = 0  # the signal this rank received, 0 if none
+        self._stop = 0  # the signal all ranks agreed to stop on
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning installed its SIGTERM handler (just before training): ours go on top until the end
+        if not self._previous and _in_main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.warning(
+            "%s: finishing the current batch, saving last.ckpt, then exiting (send it again to abort now)",
+            signal.Signals(signum).name,
+        )
+        self._signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        if _in_main_thread():
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        signum = self._signum
+        if trainer.world_size > 1:  # one collective per step, like Lightning's own SIGTERM broadcast
+            signum = int(trainer.strategy.reduce(torch.tensor(float(signum)), reduce_op="max"))
+        self._stop = self._stop or signum
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self._stop and not last:
+            raise Interrupted(self._stop, trainer.global_step)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        ckpt = trainer.checkpoint_callback
+        if not isinstance(exception, Interrupted) or not isinstance(ckpt, ModelCheckpoint) or not ckpt.dirpath:
+            return
+        # raised from on_train_batch_end: Lightning resumes this like ModelCheckpoint's every_n_train_steps saves
+        path = os.path.join(ckpt.dirpath, LAST)
+        trainer.save_checkpoint(path)
+        ckpt.last_model_path = path
+        if trainer.is_global_zero:
+            log.warning(
+                "saved %s at epoch %d, step %d: resume with ckpt_path=last (or ckpt_path=%s)",
+                path, trainer.current_epoch, trainer.global_step, path,
+            )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temporary file in the target's folder, fsync, then os.replace: a kill leaves the old file.
+
+    Lightning's own save goes through an fsspec transaction whose temporary file lives in the system temp folder;
+    when that is another filesystem the final move is a copy, which a kill can truncate.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction is the tool there
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
+    """`last`: the newest last.ckpt among this run's sibling run folders; a run folder: its last.ckpt; else as given.
+
+    The resumed run always writes into its own new folder, so the interrupted run's files are never overwritten.
+    """
+    if ckpt_path is None:
+        return None
+    out = Path(output_dir).resolve()
+    if str(ckpt_path) == "last":
+        root = out.parent
+        found = [p for p in root.glob(f"*/checkpoints/{LAST}") if out not in p.parents]
+        if not found:
+            raise UserError(
+                f"ckpt_path=last found no */checkpoints/{LAST} under {root}: give the file or run folder, "
+                "ckpt_path=<run>/checkpoints/last.ckpt"
+            )
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("ckpt_path=last resumes %s", newest)
+        return str(newest)
+    p = Path(ckpt_path).expanduser()
+    if p.is_dir() and (p / "checkpoints" / LAST).is_file():
+        return str(p / "checkpoints" / LAST)
+    if not p.is_file():
+        raise UserError(f"ckpt_path={ckpt_path} is not a checkpoint file: give <run>/checkpoints/last.ckpt or last")
+    return str(p)
+
+
+def check_devices(accelerator: str, devices: Any) -> None:
+    """Refuse more CPU processes than cores (Lightning would start them all); GPU counts Lightning checks itself."""
+    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cpu and isinstance(devices, int) and not isinstance(devices, bool):
+        cores = os.cpu_count() or 1
+        if devices > cores:
+            raise UserError(
+                f"trainer.devices={devices} but this machine has {cores} CPU cores: "
+                f"use trainer.devices={cores} or fewer"
+            )
+
+
+def user_error(exc: BaseException) -> UserError | None:
+    """The user's mistake inside `exc` (Hydra wraps whatever a _target_ raises), or None for a real bug."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, UserError):
+            return e
+        if isinstance(e, MisconfigurationException):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return UserError(f"trainer: {first} (check trainer.accelerator and trainer.devices)")
+        e = e.__cause__  # Hydra raises InstantiationException(...) from the error
+    return None
+
+
+def check_choices(args: Sequence[str], conf_dir: str | os.PathLike) -> None:
+    """`group=option` overrides naming no conf/<group>/<option>.yaml: one line listing the choices, exit 2.
+
+    Hydra reports these itself, but as a multi-line dump of its search path; this runs before Hydra does.
+    """
+    conf = Path(conf_dir)
+    for arg in args:
+        m = re.fullmatch(r"[+~]?([A-Za-z_]\w*)=([\w,.-]+)", arg)
+        if not m or not (conf / m[1]).is_dir() or m[1] in ("hydra", "experiment"):
+            continue
+        group, values = m[1], m[2].split(",")
+        choices = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        bad = [v for v in values if v not in choices and v != "null"]
+        if bad:
+            print(f"Error: Could not find '{group}/{bad[0]}': choose one of {', '.join(choices)}", file=sys.stderr)
+            raise SystemExit(2)
+
+
+class ProtectOutputDir(HydraCallback):
+    """Before Hydra writes anything: refuse a run folder that already holds a run, or one that cannot be written."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        out = Path(str(config.hydra.run.dir)).expanduser().absolute()
+        if (out / "summary.json").exists() or any((out / "checkpoints").glob("*.ckpt")):
+            _fail(
+                f"{out} already holds a run: choose another hydra.run.dir "
+                f"(to continue that run in a new folder: ckpt_path={out})"
+            )
+        _check_writable(out)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(str(config.hydra.sweep.dir)).expanduser().absolute())
+
+
+def _check_writable(out: Path) -> None:
+    """The nearest existing folder of `out` must take a new file (Hydra creates the rest); nothing is left behind."""
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        _fail(f"cannot write the output folder {out} ({e.strerror}): set hydra.run.dir to a writable folder")
+
+
+def _fail(message: str) -> None:
+    # a Hydra callback's exception would be wrapped in Hydra's own multi-line report; SystemExit passes through
+    print(f"Error: {message}", file=sys.stderr)
+    raise SystemExit(2)

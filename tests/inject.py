@@ -1,0 +1,34 @@
+"""Faults injected by the reliability tests through the config (+callbacks.x._target_=inject.SignalAt ...).
+
+Test-only: tests/ is on the path of pytest and, via PYTHONPATH, of the CLI runs the tests start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class SignalAt(Callback):
+    """Send this process `signum` (SIGTERM as SLURM does, or SIGINT as Ctrl+C) once `step` optimizer steps are done."""
+
+    def __init__(self, step: int, signum: str = "SIGTERM"):
+        self.step, self.signum = step, getattr(signal, signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getpid(), self.signum)
+
+
+class RaiseAt(Callback):
+    """Raise in one DDP rank only, at `step`: the other ranks must not wait for it forever."""
+
+    def __init__(self, step: int, rank: int = 1):
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            raise RuntimeError(f"injected failure in rank {self.rank} at step {self.step}")
