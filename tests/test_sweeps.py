@@ -30,10 +30,11 @@ def jobs_of(sweep: Path) -> dict[str, dict]:
 def check_winner(sweep: Path, output: str) -> None:
     """best.json and the printed winner name the job with the lowest val/ppl."""
     jobs = jobs_of(sweep)
-    best = min(jobs, key=lambda j: jobs[j]["val_ppl"])
+    lowest = min(j["val_ppl"] for j in jobs.values())
     got = json.loads((sweep / "best.json").read_text())
-    assert got["job"] == best and got["val_ppl"] == pytest.approx(jobs[best]["val_ppl"])
-    assert f"best of {len(jobs)} jobs: job {best} " in output
+    # torch and fused compute the same function from the same seed, so two jobs may tie: either may win
+    assert jobs[got["job"]]["val_ppl"] == got["val_ppl"] == lowest
+    assert f"best of {len(jobs)} jobs: job {got['job']} " in output
 
 
 def check_ranks_agree(job: Path, summary: dict) -> None:

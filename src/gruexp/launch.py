@@ -70,7 +70,7 @@ class JobScriptLauncher(_SubprocessScriptLauncher):
     def _call_children_scripts(self) -> None:
         # Lightning's body, with `job_command` in place of `_hydra_subprocess_cmd` (a module function it calls).
         self._check_can_spawn_children()
-        self.procs = []
+        self.procs = _children  # the list Lightning's child observer watches; job_scope empties it at job end
         env = self.cluster_environment
         os.environ["MASTER_ADDR"] = env.main_address
         os.environ["MASTER_PORT"] = str(env.main_port)
@@ -83,9 +83,7 @@ class JobScriptLauncher(_SubprocessScriptLauncher):
                 command, cwd = job_command(local_rank)
             else:
                 command, cwd = list(_basic_subprocess_cmd()), None
-            proc = subprocess.Popen(command, env=child_env, cwd=cwd)
-            self.procs.append(proc)
-            _children.append(proc)
+            self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd))
 
 
 class JobDDPStrategy(DDPStrategy):
@@ -122,13 +120,16 @@ def job_scope() -> Iterator[None]:
     try:
         yield
     finally:
-        for proc in _children:
+        # The job is over: stop Lightning's observer from SIGKILLing this process (it does so as soon as a rank
+        # exits non-zero, e.g. 143 after a preemption checkpoint) by emptying its list, then wait for the ranks.
+        children = list(_children)
+        _children.clear()
+        for proc in children:
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 log.warning("rank process %d did not exit after its job; killing it", proc.pid)
                 proc.kill()
-        _children.clear()
         if started_here and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         wandb = sys.modules.get("wandb")
