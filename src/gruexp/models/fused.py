@@ -31,6 +31,10 @@ def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bo
     h = h0
     if reset_after:
         G = gi.new_empty(T, B, 3 * H) if save else [None] * T  # G[t] = [r, z, gh_n]
+        if save:  # HS = [h0, h1, ..., hT]: backward reads h_{t-1} as HS[:-1] without a copy
+            HS = gi.new_empty(T + 1, B, H)
+            HS[0] = h0
+            hs = HS[1:]
         gi_rz, gi_n = gi.split((2 * H, H), dim=2)
         w_t = w_hh.t()
         for t in range(T):
@@ -38,7 +42,7 @@ def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bo
             r, z = g[:, : 2 * H].add_(gi_rz[t]).sigmoid_().chunk(2, dim=1)
             n = torch.addcmul(gi_n[t], r, g[:, 2 * H :], out=N[t]).tanh_()
             h = torch.lerp(n, h, z, out=hs[t])  # (1 - z) * n + z * h
-        return hs, (G, N)
+        return hs, ((HS, G, N) if save else ())
     a_rz, a_n = (gi + b_hh).split((2 * H, H), dim=2)
     RZ = gi.new_empty(T, B, 2 * H) if save else [None] * T
     RH = gi.new_empty(T, B, H) if save else [None] * T
@@ -71,26 +75,31 @@ class GRURecurrence(torch.autograd.Function):
         return dgi, dh0, dw_hh, db_hh, None
 
 
-def _backward_reset_after(dhs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, G: Tensor, N: Tensor):
+def _backward_reset_after(dhs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, HS: Tensor, G: Tensor, N: Tensor):
     """Gradients of the reset-after recurrence w.r.t. gi, h0, W_hh, b_hh."""
     T, B, H = hs.shape
     r, z, gh_n = G.split(H, dim=2)
-    h_prev = torch.cat((h0[None], hs[:-1]))
-    # Everything that does not depend on dh is computed for all steps at once: per step, the
-    # pre-activation gradients [da_n, da_r, da_z, dgh_n] are then dh * K[t] in a single op.
-    one_z = 1 - z
-    k_n = one_z * (1 - N * N)
-    K = torch.stack((k_n, k_n * gh_n * r * (1 - r), (h_prev - N) * z * one_z, k_n * r), dim=2)
-    D = torch.empty_like(K)  # [T, B, 4, H]
-    dh = dhs[-1]
-    for t in range(T - 1, -1, -1):
-        d = torch.mul(K[t], dh[:, None], out=D[t]).view(B, 4 * H)
-        dh_direct = torch.addcmul(dhs[t - 1], dh, z[t]) if t > 0 else dh * z[t]
-        dh = torch.addmm(dh_direct, d[:, H:], w_hh)  # d[:, H:] = dG_h = [da_r, da_z, dgh_n]
-    D = D.view(T, B, 4 * H)
-    dG_h = D[..., H:].reshape(T * B, 3 * H)
-    dgi = torch.cat((D[..., H : 3 * H], D[..., :H]), dim=2)  # [da_r, da_z, da_n]
-    return dgi, dh, dG_h.t() @ h_prev.reshape(T * B, H), dG_h.sum(0)
+    # Everything that does not depend on dh is computed for all steps at once, into preallocated buffers:
+    # per step, dG_h = [da_r, da_z, dgh_n] is then dh * C[t] in one op, with C = [k_r, k_z, k_n * r].
+    C = N.new_empty(T, B, 3, H)
+    k_r, k_z, k_gn = C.unbind(2)
+    one_z = torch.rsub(z, 1)
+    k_n = torch.mul(N, N).neg_().add_(1).mul_(one_z)  # dn/da_n * dh/dn: (1 - n^2)(1 - z)
+    torch.mul(k_n, r, out=k_gn)
+    torch.addcmul(r, r, r, value=-1, out=k_r).mul_(gh_n).mul_(k_n)  # r (1 - r) gh_n k_n
+    torch.sub(HS[:-1], N, out=k_z).mul_(z).mul_(one_z)  # (h_{t-1} - n) z (1 - z)
+    D = torch.empty_like(C)  # per step [da_r, da_z, dgh_n]; after the loop [da_r, da_z, da_n] = dgi
+    DH = torch.empty_like(N)  # DH[t] = dL/dh_t, all paths
+    DH[-1] = dhs[-1]
+    for t in range(T - 1, 0, -1):
+        d = torch.mul(C[t], DH[t, :, None], out=D[t]).view(B, 3 * H)  # B*3H stays under ATen's parallel grain
+        torch.addcmul(dhs[t - 1], DH[t], z[t], out=DH[t - 1]).addmm_(d, w_hh)
+    d = torch.mul(C[0], DH[0, :, None], out=D[0]).view(B, 3 * H)
+    dh0 = torch.addmm(DH[0] * z[0], d, w_hh)
+    dG_h = D.view(T * B, 3 * H)
+    dw_hh, db_hh = dG_h.t() @ HS[:-1].reshape(T * B, H), dG_h.sum(0)
+    torch.mul(DH, k_n, out=D[:, :, 2])  # da_n replaces dgh_n: D becomes dgi
+    return D.view(T, B, 3 * H), dh0, dw_hh, db_hh
 
 
 def _backward_reset_before(dhs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, RZ: Tensor, RH: Tensor, N: Tensor):
