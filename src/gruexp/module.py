@@ -45,9 +45,8 @@ class CharLM(L.LightningModule):
         for option, v in (("hidden_size", hidden_size), ("num_layers", num_layers)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise UserError(f"model.{option} must be a positive integer, got {v!r}")
-        vocab = [
-            str(t) for t in vocab
-        ]  # plain strings, not Hydra's ListConfig: checkpoints load with weights_only
+        # plain strings, not Hydra's ListConfig: checkpoints then load with torch.load(weights_only=True)
+        vocab = [str(t) for t in vocab]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)  # train() logs the whole config
         self.vocab = Vocab(idx_to_token=vocab)
         self.net = build_model(
