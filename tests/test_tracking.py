@@ -62,6 +62,7 @@ def test_offline_run_lives_in_output_folder_with_metrics_and_config(make_cfg, tm
     # logged before clipping: with clip 0.01 every norm would be <= 0.01 after it
     norms = [h["train/grad_norm"] for h in run["history"] if "train/grad_norm" in h]
     assert norms and min(norms) > 0.01
+    assert len(norms) == sum("train/loss" in h for h in run["history"])  # on every step the loggers write
     assert sum(h.get("lr-SGD") == 2.0 for h in run["history"]) == 2
 
     s = run["summary"]
