@@ -37,6 +37,16 @@ def check_winner(sweep: Path, output: str) -> None:
     assert f"best of {len(jobs)} jobs: job {got['job']} " in output
 
 
+def check_one_wandb_run_per_job(sweep: Path, jobs: dict[str, dict]) -> None:
+    """Each job logged its own W&B run (W&B is the default logger; offline in tests), in its own folder."""
+    run_ids = set()
+    for name in jobs:
+        runs = list((sweep / name / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        run_ids.add(runs[0].name.rsplit("-", 1)[-1])
+    assert len(run_ids) == len(jobs)
+
+
 def check_ranks_agree(job: Path, summary: dict) -> None:
     """Both ranks logged the same config digest, and it is the job's own lr and clip."""
     lines = rank_lines(job)
@@ -65,13 +75,9 @@ def test_multirun_with_two_processes_and_one_wandb_run_per_job(tmp_path, corpus_
     sweep = sweep_folder(tmp_path)
     jobs = jobs_of(sweep)
     assert sorted(j["lr"] for j in jobs.values()) == [0.5, 2] and {j["world_size"] for j in jobs.values()} == {2}
-    run_ids = set()
     for name, summary in jobs.items():
         check_ranks_agree(sweep / name, summary)
-        runs = list((sweep / name / "wandb").glob("offline-run-*"))
-        assert len(runs) == 1  # each job its own W&B run, in its own folder
-        run_ids.add(runs[0].name.rsplit("-", 1)[-1])
-    assert len(run_ids) == 2
+    check_one_wandb_run_per_job(sweep, jobs)
     check_winner(sweep, r.stdout + r.stderr)
 
 
@@ -101,6 +107,7 @@ def test_optuna_with_two_processes_then_resume(tmp_path, corpus_path):
             "SELECT t.number, v.value FROM trials t JOIN trial_values v USING (trial_id) WHERE t.state='COMPLETE'"
         ).fetchall())
     assert values == pytest.approx({int(k): j["val_ppl"] for k, j in after.items()})
+    check_one_wandb_run_per_job(sweep, after)
     check_winner(sweep, again.stdout + again.stderr)
 
 
@@ -114,6 +121,7 @@ def test_local_launcher_runs_ddp_jobs_one_at_a_time(tmp_path, corpus_path):
     assert sorted(j["lr"] for j in jobs.values()) == [0.5, 2]
     for name, summary in jobs.items():
         check_ranks_agree(sweep / name, summary)
+    check_one_wandb_run_per_job(sweep, jobs)
     # parallelism 1: job 1 logged its first line after job 0 had written its summary
     first_line = (sweep / "1" / "train.log").read_text().splitlines()[0]
     started = datetime.strptime(first_line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
