@@ -124,6 +124,7 @@ def test_cli_train_then_generate(tmp_path, corpus_path):
         (["model.hidden_size=0"], "model.hidden_size must be a positive integer, got 0"),
         (["data.num_steps=200000"], "data.num_steps=200000 needs at least 200001 tokens"),
         (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
+        (["model=torch", "model.dropout=0.5"], "model.dropout acts between layers"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message, corpus_path):

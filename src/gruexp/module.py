@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 from torchmetrics.text import Perplexity
 
-from gruexp import UserError
 from gruexp.data import Vocab
 from gruexp.models import build_model
 
@@ -41,9 +40,6 @@ class CharLM(L.LightningModule):
         sample_chars: int = 50,
     ):
         super().__init__()
-        for option, v in (("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise UserError(f"model.{option} must be a positive integer, got {v!r}")
         # plain strings, not Hydra's ListConfig: checkpoints then load with torch.load(weights_only=True)
         vocab = [str(t) for t in vocab]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)  # train() logs the whole config

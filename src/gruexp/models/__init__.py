@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from gruexp import UserError
 from gruexp.models.fused import FusedGRU, GRULayers, GRURecurrence, gru_recurrence
 from gruexp.models.scratch import ScratchGRU
 from gruexp.models.torch_gru import TorchGRU
@@ -24,7 +25,7 @@ MODEL_NAMES = ("scratch", "torch", "fused")
 
 def _check_positive(option: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"model.{option} must be a positive integer, got {value!r}")
+        raise UserError(f"model.{option} must be a positive integer, got {value!r}")
 
 
 def build_model(
@@ -37,24 +38,24 @@ def build_model(
 ) -> nn.Module:
     """Build model `name`, rejecting options it does not have; reset_after None means the model's own form."""
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     _check_positive("vocab_size", vocab_size)
     _check_positive("hidden_size", hidden_size)
     _check_positive("num_layers", num_layers)
     if not 0 <= dropout < 1:
-        raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
+        raise UserError(f"model.dropout must be in [0, 1), got {dropout!r}")
     if name == "scratch":
         if num_layers != 1:
-            raise ValueError(f"model 'scratch' is a single-layer GRU: model.num_layers must be 1, got {num_layers}")
+            raise UserError(f"model 'scratch' is a single-layer GRU: model.num_layers must be 1, got {num_layers}")
         if dropout != 0:
-            raise ValueError(f"model 'scratch' has no dropout: model.dropout must be 0, got {dropout}")
+            raise UserError(f"model 'scratch' has no dropout: model.dropout must be 0, got {dropout}")
         if reset_after is not None:
-            raise ValueError("model 'scratch' has no model.reset_after option: d2l's cell is reset-before")
+            raise UserError("model 'scratch' has no model.reset_after option: d2l's cell is reset-before")
         return ScratchGRU(vocab_size, hidden_size)
     if dropout != 0 and num_layers == 1:
-        raise ValueError(f"model.dropout acts between layers, so with model.num_layers=1 it must be 0, got {dropout}")
+        raise UserError(f"model.dropout acts between layers, so with model.num_layers=1 it must be 0, got {dropout}")
     if name == "torch":
         if reset_after is False:
-            raise ValueError("model 'torch' (nn.GRU) is reset-after only: model.reset_after=false needs 'fused'")
+            raise UserError("model 'torch' (nn.GRU) is reset-after only: model.reset_after=false needs 'fused'")
         return TorchGRU(vocab_size, hidden_size, num_layers, dropout)
     return FusedGRU(vocab_size, hidden_size, num_layers, dropout, reset_after is not False)

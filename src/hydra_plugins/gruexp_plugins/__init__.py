@@ -66,7 +66,6 @@ class LocalLauncher(_SubmititLocalLauncher):
         return returns
 
 
-
 @dataclass
 class GruexpLocalConf(LocalQueueConf):
     """The schema of hydra/launcher=local: the plugin's local launcher fields plus `array_parallelism`."""
