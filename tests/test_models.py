@@ -100,11 +100,13 @@ def run(net: torch.nn.Module, x: Tensor, h0: Tensor, w_logits: Tensor, w_state: 
     return logits, state, h0.grad
 
 
+@pytest.mark.parametrize("use_c", [True, False], ids=["c-loop", "op-loop"])
 @pytest.mark.parametrize("L", [1, 2])
 @pytest.mark.parametrize("b, t", [(B, T), (1, 3)])  # more and fewer tokens than V: both ways of gathering
-def test_fused_equals_torch_in_values_and_gradients(L, b, t):
+def test_fused_equals_torch_in_values_and_gradients(L, b, t, use_c):
     torch_net, fused = TorchGRU(V, H, L), FusedGRU(V, H, L)
     fused.load_state_dict(torch_net.state_dict(), strict=True)
+    fused.rnn.use_c = use_c
     x, h0 = tokens(b, t), torch.randn(L, b, H)
     w_logits, w_state = torch.randn(b, t, V), torch.randn(L, b, H)
     expected, got = run(torch_net, x, h0, w_logits, w_state), run(fused, x, h0, w_logits, w_state)
@@ -200,11 +202,12 @@ def test_fused_reset_after_differs_from_reset_before():
 
 
 @pytest.mark.parametrize("reset_after", [True, False])
-def test_recurrence_gradcheck(reset_after):
+@pytest.mark.parametrize("use_c", [True, False], ids=["c-loop", "op-loop"])  # the C loop runs reset-after only
+def test_recurrence_gradcheck(reset_after, use_c):
     t, b, h = 4, 3, 5
 
     def leaf(*shape: int) -> Tensor:
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
     inputs = (leaf(t, b, 3 * h), leaf(b, h), leaf(3 * h, h), leaf(3 * h))
-    assert torch.autograd.gradcheck(lambda *a: GRURecurrence.apply(*a, reset_after), inputs)
+    assert torch.autograd.gradcheck(lambda *a: GRURecurrence.apply(*a, None, reset_after, use_c), inputs)

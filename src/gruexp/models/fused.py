@@ -2,9 +2,14 @@
 
 Only the recurrence h_{t-1} -> h_t is sequential. The input projection of all T steps is one gather (layer 0)
 or one GEMM (later layers) before the loop, the output layer one GEMM after it; both use plain autograd.
-The loop itself runs one (B, H) x (H, 3H) product (two, H x 2H and H x H, in the reset-before form) and a few
-elementwise ops per step, forward and backward; the gradients of gi, W_hh and b_hh are single GEMMs or sums
-over all steps after the backward loop.
+The loop itself runs one (B, H) x (H, 3H) product (two, H x 2H and H x H, in the reset-before form) and the gate
+arithmetic per step, forward and backward; the gradients of W_hh and b_hh are single GEMMs or sums over all
+steps after the backward loop.
+
+Two implementations of the loop compute the same function. On the CPU, in float32 or float64 and the reset-after
+form, the loop runs in C (gru_cpu.c: one call for all T steps, gates fused into one pass, the hidden units split
+across threads); everywhere else (CUDA, reset-before, no C compiler at hand) it is a loop of preallocated,
+in-place torch ops.
 
 Gates are stacked r, z, n as in nn.GRU. reset_after=True is nn.GRU's (and cuDNN's) form,
     n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn)),
@@ -19,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from gruexp.models import gru_cpu
 
 
 def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool, save: bool) -> tuple[Tensor, tuple]:
@@ -55,24 +62,69 @@ def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bo
     return hs, (RZ, RH, N)
 
 
+def _c_kernel(reset_after: bool, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, tokens: Tensor | None):
+    """The compiled CPU loop when it can run this recurrence, else None (the torch-op loop runs)."""
+    if not reset_after or not gru_cpu.supports(gi, h0, w_hh, b_hh) or h0.shape[0] == 0 or h0.shape[1] == 0:
+        return None
+    if tokens is not None and (tokens.dtype != torch.int64 or not tokens.is_contiguous() or not tokens.numel()):
+        return None
+    return gru_cpu.load()
+
+
 class GRURecurrence(torch.autograd.Function):
-    """hs [T, B, H] = GRU recurrence over gi [T, B, 3H] (x W_ih^T + b_ih) from h0 [B, H]; backward by hand."""
+    """(hs [T, B, H], h_T [B, H]) = the GRU recurrence from h0 [B, H] over gi = x W_ih^T + b_ih.
+
+    gi is [T, B, 3H]; or, with tokens [T, B], the table [V, 3H] whose rows the tokens pick (layer 0: a one-hot x
+    picks a row of W_ih^T + b_ih), and its gradient is then the table's. h_T is hs[-1] as an output of its own, so
+    that its gradient arrives as [B, H] and not as a [T, B, H] tensor of zeros but for the last step. The
+    backward is by hand. use_c=False keeps to the torch-op loop where the C loop could run (its reference).
+    """
 
     @staticmethod
-    def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool) -> Tensor:
-        hs, saved = _forward(gi, h0, w_hh, b_hh, reset_after, save=True)
-        ctx.reset_after = reset_after
-        ctx.save_for_backward(h0, w_hh, hs, *saved)
-        return hs
+    def forward(
+        ctx,
+        gi: Tensor,
+        h0: Tensor,
+        w_hh: Tensor,
+        b_hh: Tensor,
+        tokens: Tensor | None,
+        reset_after: bool,
+        use_c: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        lib = _c_kernel(reset_after, gi, h0, w_hh, b_hh, tokens) if use_c else None
+        if lib is not None:
+            HS, saved = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save=True, tokens=tokens)
+            hs, saved = HS[1:], (HS, *saved)
+        else:
+            hs, saved = _forward(gi if tokens is None else F.embedding(tokens, gi), h0, w_hh, b_hh, reset_after, True)
+        ctx.reset_after, ctx.lib, ctx.vocab_size = reset_after, lib, gi.shape[0]
+        ctx.save_for_backward(tokens, h0, w_hh, hs, *saved)
+        return hs, hs[-1].clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dhs: Tensor):
-        if ctx.reset_after:
-            dgi, dh0, dw_hh, db_hh = _backward_reset_after(dhs, *ctx.saved_tensors)
+    def backward(ctx, dhs: Tensor, dh_T: Tensor):
+        tokens, *saved = ctx.saved_tensors
+        if ctx.lib is not None:
+            dgi, dh0, dw_hh, db_hh = _backward_c(ctx, dhs, dh_T, tokens, *saved)
         else:
-            dgi, dh0, dw_hh, db_hh = _backward_reset_before(dhs, *ctx.saved_tensors)
-        return dgi, dh0, dw_hh, db_hh, None
+            dhs = dhs.clone()
+            dhs[-1] += dh_T
+            backward = _backward_reset_after if ctx.reset_after else _backward_reset_before
+            dgi, dh0, dw_hh, db_hh = backward(dhs, *saved)
+            if tokens is not None:  # the table's gradient: each step's dgi added to the row its token picked
+                dgi = dgi.new_zeros(ctx.vocab_size, dgi.shape[-1]).index_add_(0, tokens.flatten(), dgi.flatten(0, 1))
+        return dgi, dh0, dw_hh, db_hh, None, None, None
+
+
+def _backward_c(ctx, dhs: Tensor, dh_T: Tensor, tokens: Tensor | None, h0: Tensor, w_hh: Tensor, hs: Tensor, HS, G, N):
+    """The reset-after gradients with the C loop; only the weight gradients, one GEMM and one sum, are left here."""
+    T, B, H = hs.shape
+    dgi, dG_h, dh0 = gru_cpu.backward(
+        ctx.lib, dhs.contiguous(), dh_T.contiguous(), w_hh, HS, G, N, ctx.needs_input_grad[1], tokens, ctx.vocab_size
+    )
+    dG_h = dG_h.view(T * B, 3 * H)
+    return dgi, dh0, dG_h.t() @ HS[:-1].reshape(T * B, H), dG_h.sum(0)
 
 
 def _backward_reset_after(dhs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, HS: Tensor, G: Tensor, N: Tensor):
@@ -125,11 +177,24 @@ def _backward_reset_before(dhs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, RZ
     return D, dh, dw_hh, D2.sum(0)
 
 
-def gru_recurrence(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool = True) -> Tensor:
-    """GRURecurrence when a gradient is needed; otherwise the bare loop, which saves nothing for backward."""
+def gru_recurrence(
+    gi: Tensor,
+    h0: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    reset_after: bool = True,
+    use_c: bool = True,
+    tokens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(hs, h_T): GRURecurrence when a gradient is needed; otherwise the bare loop, which saves nothing."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (gi, h0, w_hh, b_hh)):
-        return GRURecurrence.apply(gi, h0, w_hh, b_hh, reset_after)
-    return _forward(gi, h0, w_hh, b_hh, reset_after, save=False)[0]
+        return GRURecurrence.apply(gi, h0, w_hh, b_hh, tokens, reset_after, use_c)
+    lib = _c_kernel(reset_after, gi, h0, w_hh, b_hh, tokens) if use_c else None
+    if lib is not None:
+        hs = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save=False, tokens=tokens)[0][1:]
+    else:
+        hs = _forward(gi if tokens is None else F.embedding(tokens, gi), h0, w_hh, b_hh, reset_after, save=False)[0]
+    return hs, hs[-1]
 
 
 class GRULayers(nn.Module):
@@ -146,6 +211,7 @@ class GRULayers(nn.Module):
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.dropout, self.reset_after = dropout, reset_after
+        self.use_c = True  # False: the torch-op loop even where the C loop could run (a switch for tests, not state)
         H = hidden_size
         self.layer_names = []
         for k in range(num_layers):
@@ -169,17 +235,16 @@ class GRULayers(nn.Module):
         x, h_n = tokens, []
         for k, names in enumerate(self.layer_names):
             w_ih, w_hh, b_ih, b_hh = (getattr(self, name) for name in names)
-            if k == 0:
-                # one_hot(x) W_ih^T + b_ih is row x of the table W_ih^T + b_ih. W_ih^T is a transposed view: gathering
-                # many rows pays for a contiguous table (V x 3H); a few (generation) are gathered strided.
-                if x.numel() > w_ih.shape[1]:
-                    gi = F.embedding(x, (w_ih.t() + b_ih).contiguous())
-                else:
-                    gi = F.embedding(x, w_ih.t()) + b_ih
+            ids = None
+            if k == 0 and x.numel() > w_ih.shape[1]:
+                # one_hot(x) W_ih^T + b_ih is row x of the table W_ih^T + b_ih: the recurrence reads its rows
+                gi, ids = (w_ih.t() + b_ih).contiguous(), x.contiguous()
+            elif k == 0:  # a few tokens (generation): gather them from the transposed view, no table
+                gi = F.embedding(x, w_ih.t()) + b_ih
             else:
                 gi = F.linear(F.dropout(x, self.dropout, self.training), w_ih, b_ih)
-            x = gru_recurrence(gi, h0[k], w_hh, b_hh, self.reset_after)
-            h_n.append(x[-1])
+            x, h_T = gru_recurrence(gi, h0[k], w_hh, b_hh, self.reset_after, self.use_c, ids)
+            h_n.append(h_T)
         return x, torch.stack(h_n)
 
 
@@ -202,4 +267,4 @@ class FusedGRU(nn.Module):
     def forward(self, tokens: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, V] and final state [num_layers, B, H]; state None means zeros."""
         hs, state = self.rnn(tokens.T, state)
-        return self.linear(hs.transpose(0, 1)), state
+        return self.linear(hs).transpose(0, 1), state  # the output layer on [T, B, H] as it lies: no copy
