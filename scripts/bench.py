@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gruexp.models import MODEL_NAMES, build_model
+from gruexp.models import MODEL_NAMES, build_model, gru_cpu
 
 DEFAULT_SHAPES = "32x256,128x512,128x1024"
 # The issue's targets, (mode, device type, batch, hidden) -> {other variant: least fused/other ratio}; a batch or
@@ -199,7 +199,7 @@ def ratio_row(rows: list[dict], mode: str, batch: int, hidden: int, device_type:
 def format_report(report: dict) -> str:
     """The table a person reads: one row per (mode, shape, variant), then the ratios against the targets."""
     lines = [
-        f"device: {report['device']}, torch {report['torch']}",
+        f"device: {report['device']}, torch {report['torch']}; fused's loop: {report['fused_loop']}",
         f"fp32 GEMM {report['gemm_size']}^2: {report['gemm_gflops']:.1f} GFLOP/s (median of {report['gemm_samples']});"
         f" T={report['num_steps']}, V={report['vocab_size']}",
         "",
@@ -316,6 +316,8 @@ def run(args: argparse.Namespace) -> dict:
         "gemm_size": n,
         "gemm_samples": len(gemm_seconds),
         "gemm_gflops": gflops,
+        # which implementation of the recurrence `fused` ran: "c" (gru_cpu.c) or "ops" (the torch-op loop)
+        "fused_loop": "c" if device.type == "cpu" and gru_cpu.load() is not None else "ops",
         "results": results,
         "ratios": [q for q in ratios if q],
     }

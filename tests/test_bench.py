@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +23,12 @@ TINY_BENCH = [
 ]  # fmt: skip
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess:
+def run_bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """python scripts/bench.py args, as a user runs it."""
     return subprocess.run(
         [sys.executable, str(BENCH), *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         capture_output=True,
         text=True,
         timeout=180,
@@ -41,6 +42,7 @@ def test_bench_writes_every_variant_and_shape(tmp_path):
     report = json.loads(out.read_text())
     assert report["device"].startswith("cpu: ") and report["device"].endswith("1 thread")
     assert report["gemm_gflops"] > 0 and report["gemm_size"] == 64
+    assert report["fused_loop"] == ("c" if shutil.which(os.environ.get("CC", "cc")) else "ops")
     keys = {"variant", "batch", "hidden", "steps", "tokens_per_sec", "ms_per_step"}
     rows = {(r["mode"], r["variant"], r["batch"], r["hidden"]): r for r in report["results"]}
     expected = [("train", v, B, H) for B, H in [(4, 16), (8, 24)] for v in MODEL_NAMES]
@@ -68,10 +70,13 @@ def test_bench_writes_every_variant_and_shape(tmp_path):
 def test_bench_variants_subset(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_bench(
-        *TINY_BENCH, "--variants", "torch,fused", "--shapes", "4x16", "--infer-tokens", "0", "--json", str(out)
+        *TINY_BENCH,
+        *("--variants", "torch,fused", "--shapes", "4x16", "--infer-tokens", "0", "--json", str(out)),
+        env={"GRUEXP_FUSED_CPU": "ops"},  # the torch-op loop, on purpose: the report says so
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
+    assert report["fused_loop"] == "ops" and "fused's loop: ops" in proc.stdout
     assert [(r["mode"], r["variant"]) for r in report["results"]] == [("train", "torch"), ("train", "fused")]
     assert [set(q) for q in report["ratios"]] == [{"mode", "batch", "hidden", "fused/torch"}]
 
