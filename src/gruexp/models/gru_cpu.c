@@ -1,14 +1,14 @@
 /* The fused GRU recurrence on the CPU: nn.GRU's reset-after cell over T steps, forward and backward.
  *
  * Compiled on first use by gruexp/models/gru_cpu.py, twice: REAL=float (training) and REAL=double (gradcheck).
- * Python keeps everything that is not sequential (the input projection before the loop, the weight gradients
- * after it); here is only what must run step by step:
+ * Python keeps everything that is not sequential (the input projection or table before the loop, the weight
+ * gradients after it); here is only what must run step by step:
  *
- *   forward   g = h_{t-1} W_hh^T                                   one GEMM per step
+ *   forward   g = h_{t-1} W_hh^T                                   one product per step
  *             r = s(gi_r + g_r + b_hr), z = s(gi_z + g_z + b_hz)    one pass over the gates, fused
  *             n = tanh(gi_n + r * (g_n + b_hn)), h_t = n + z * (h_{t-1} - n)
  *   backward  dG = [da_r, da_z, r * da_n] from dh_t                 one pass, fused
- *             dh_{t-1} = dy_{t-1} + z * dh_t + dG W_hh             one GEMM per step
+ *             dh_{t-1} = dy_{t-1} + z * dh_t + dG W_hh             one product per step
  *
  * Threads split the hidden units, as a persistent RNN does: thread q owns units [j0, j0 + nu), computes their
  * r, z and n pre-activations for the whole batch with its own slice of W_hh (in its core's cache when it fits),
@@ -103,17 +103,18 @@ static void forward_units(int q, int P, int T, int B, int H, const REAL *gi, con
     int j0, nu;
     units(H, q, P, &j0, &nu);
     const int nu3 = 3 * nu;
-    // this thread's rows of W_hh (r, z, n blocks of nu rows each), contiguous: one GEMM per step
-    REAL *w = malloc(sizeof(REAL) * nu3 * H), *g = malloc(sizeof(REAL) * B * (nu3 + nu));
-    for (int k = 0; k < 3; k++) memcpy(w + (size_t)k * nu * H, w_hh + (k * H + j0) * (size_t)H, sizeof(REAL) * nu * H);
+    REAL *g = malloc(sizeof(REAL) * B * (nu3 + nu));
     const REAL *br = b_hh + j0, *bz = br + H, *bn = bz + H;
     for (int t = 0; t < T; t++) {
         const REAL *h_prev = hs + (size_t)t * B * H;
         REAL *h = hs + (size_t)(t + 1) * B * H;
-        gemm_abt(B, nu3, H, h_prev, H, w, H, 0, g, nu3);
+        // g = h_{t-1} W^T over this thread's rows of W_hh: its r, z and n blocks, nu contiguous rows each
+        for (int k = 0; k < 3; k++)
+            gemm_abt(B, nu, H, h_prev, H, w_hh + ((size_t)k * H + j0) * H, H, 0, g + k * nu, nu3);
         for (int i = 0; i < B; i++) {
             const size_t row = (size_t)t * B + i;
-            const REAL *xr = gi + (tok ? (size_t)tok[row] : row) * H3 + j0, *xz = xr + H, *xn = xz + H, *hp = h_prev + (size_t)i * H + j0;
+            const REAL *xr = gi + (tok ? (size_t)tok[row] : row) * H3 + j0, *xz = xr + H, *xn = xz + H;
+            const REAL *hp = h_prev + (size_t)i * H + j0;
             const REAL *gr = g + (size_t)i * nu3, *gz = gr + nu, *gn = gz + nu;
             // what backward needs goes to G and N; without them, over this row's GEMM output and a spare row
             REAL *kr = G ? G + row * H3 + j0 : (REAL *)gr, *kz = G ? kr + H : kr + nu, *kn = G ? kz + H : kz + nu;
@@ -130,7 +131,6 @@ static void forward_units(int q, int P, int T, int B, int H, const REAL *gi, con
         }
 #pragma omp barrier
     }
-    free(w);
     free(g);
 }
 
