@@ -105,3 +105,23 @@ def test_flops_per_token_matches_charlm():
         assert bench.train_flops_per_token(28, H) == model.flops_per_token
     # the formula at the d2l shape: forward 2*3H*(H+V) + 2*H*V, training three times that
     assert bench.forward_flops_per_token(28, 256) == 2 * 3 * 256 * 284 + 2 * 256 * 28
+
+
+def test_profile_step_lists_where_a_step_spends_its_time():
+    args = ["--shape", "4x16", "--steps", "2", "--threads", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "profile_step.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("fused B=4 H=16 T=35, 1 thread: ") and lines[1].split() == [
+        "operator", "ms/step", "share", "calls/step"
+    ]  # fmt: skip
+    rows = [(line[:48].strip(), line[48:].split()) for line in lines[2:]]  # the name column is 48 wide
+    assert len(rows) == 15 and all(len(cells) == 3 for _, cells in rows)
+    calls = {name: cells[2] for name, cells in rows}
+    assert calls["GRURecurrence"] == calls["GRURecurrenceBackward"] == "1.0"  # one call per step: no Python loop

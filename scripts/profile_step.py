@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Where one variant's training step spends its time: torch.profiler over the harness's own training step.
+
+    python scripts/profile_step.py [--variant fused] [--shape 32x256] [--steps 20] [--threads 2] [--rows 15]
+
+The step is scripts/bench.py's TrainStep (forward, cross-entropy, backward, clipping, SGD). The table lists
+operators by self CPU time per step. fused's C loop is one call that the profiler cannot see into: its time is the
+self time of GRURecurrence (forward) and GRURecurrenceBackward. The harness measures speed; this says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gruexp.models import MODEL_NAMES
+
+_spec = importlib.util.spec_from_file_location("bench", Path(__file__).with_name("bench.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", choices=MODEL_NAMES, default="fused")
+    p.add_argument("--shape", type=bench.parse_shapes, default=bench.parse_shapes("32x256"), help="BATCHxHIDDEN")
+    p.add_argument("--steps", type=int, default=20, help="profiled steps, after 5 untimed ones (default 20)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=15, help="operators to list (default 15)")
+    args = p.parse_args(argv)
+    if len(args.shape) != 1 or args.steps < 1 or args.threads < 1:
+        p.error("give one --shape, and --steps and --threads of at least 1")
+    (B, H), T = args.shape[0], 35
+    torch.set_num_threads(args.threads)
+    step = bench.TrainStep(args.variant, 28, B, T, H, torch.device("cpu"), seed=0)
+    for _ in range(5):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / args.steps / 1e3
+    threads = f"{args.threads} thread{'s' * (args.threads != 1)}"
+    print(f"{args.variant} B={B} H={H} T={T}, {threads}: {total:.2f} ms of operator time per step")
+    print(f"{'operator':<48}{'ms/step':>10}{'share':>8}{'calls/step':>12}")
+    for e in events[: args.rows]:
+        ms = e.self_cpu_time_total / args.steps / 1e3
+        print(f"{e.key[:47]:<48}{ms:>10.3f}{ms / total:>8.1%}{e.count / args.steps:>12.1f}")
+
+
+if __name__ == "__main__":
+    main()
