@@ -1,10 +1,10 @@
 """Our own GRU: nn.GRU's parameters and math, with the recurrence as a hand-written autograd Function.
 
-Only the recurrence h_{t-1} -> h_t is sequential. The input projection of all T steps is one gather (layer 0)
-or one GEMM (later layers) before the loop, the output layer one GEMM after it; both use plain autograd.
-The loop itself runs one (B, H) x (H, 3H) product (two, H x 2H and H x H, in the reset-before form) and the gate
-arithmetic per step, forward and backward; the gradients of W_hh and b_hh are single GEMMs or sums over all
-steps after the backward loop.
+Only the recurrence h_{t-1} -> h_t is sequential. Layer 0's input projection is a lookup: a one-hot token picks a
+row of the table W_ih^T + b_ih, which the loop reads by token id; later layers' is one GEMM before the loop, the
+output layer one GEMM after it. The loop itself runs one (B, H) x (H, 3H) product (two, H x 2H and H x H, in the
+reset-before form) and the gate arithmetic per step, forward and backward; the gradients of W_hh and b_hh are
+single GEMMs or sums over all steps after the backward loop.
 
 Two implementations of the loop compute the same function. On the CPU, in float32 or float64 and the reset-after
 form, the loop runs in C (gru_cpu.c: one call for all T steps, gates fused into one pass, the hidden units split
@@ -18,6 +18,7 @@ reset_after=False is d2l's, n = tanh(x W_in^T + b_in + (r * h) W_hn^T + b_hn), o
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -62,13 +63,30 @@ def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bo
     return hs, (RZ, RH, N)
 
 
-def _c_kernel(reset_after: bool, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, tokens: Tensor | None):
-    """The compiled CPU loop when it can run this recurrence, else None (the torch-op loop runs)."""
-    if not reset_after or not gru_cpu.supports(gi, h0, w_hh, b_hh) or h0.shape[0] == 0 or h0.shape[1] == 0:
-        return None
-    if tokens is not None and (tokens.dtype != torch.int64 or not tokens.is_contiguous() or not tokens.numel()):
-        return None
-    return gru_cpu.load()
+def _recurrence(
+    gi: Tensor,
+    h0: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    tokens: Tensor | None,
+    reset_after: bool,
+    use_c: bool,
+    save: bool,
+) -> tuple[ctypes.CDLL | None, Tensor, tuple]:
+    """Run the loop, in C where it can run (the CPU, reset-after, contiguous float32/64 inputs, T and B above 0).
+
+    Returns the C library or None (the torch-op loop ran), hs [T, B, H] and, if save, what backward needs.
+    """
+    T, B = (tokens if tokens is not None else gi).shape[:2]
+    lib = None
+    if use_c and reset_after and T and B and gru_cpu.supports(gi, h0, w_hh, b_hh):
+        if tokens is None or (tokens.dtype == torch.int64 and tokens.is_contiguous()):
+            lib = gru_cpu.load()
+    if lib is not None:
+        HS, saved = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save, tokens)
+        return lib, HS[1:], ((HS, *saved) if save else ())
+    hs, saved = _forward(gi if tokens is None else F.embedding(tokens, gi), h0, w_hh, b_hh, reset_after, save)
+    return None, hs, saved
 
 
 class GRURecurrence(torch.autograd.Function):
@@ -91,12 +109,7 @@ class GRURecurrence(torch.autograd.Function):
         reset_after: bool,
         use_c: bool = True,
     ) -> tuple[Tensor, Tensor]:
-        lib = _c_kernel(reset_after, gi, h0, w_hh, b_hh, tokens) if use_c else None
-        if lib is not None:
-            HS, saved = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save=True, tokens=tokens)
-            hs, saved = HS[1:], (HS, *saved)
-        else:
-            hs, saved = _forward(gi if tokens is None else F.embedding(tokens, gi), h0, w_hh, b_hh, reset_after, True)
+        lib, hs, saved = _recurrence(gi, h0, w_hh, b_hh, tokens, reset_after, use_c, save=True)
         ctx.reset_after, ctx.lib, ctx.vocab_size = reset_after, lib, gi.shape[0]
         ctx.save_for_backward(tokens, h0, w_hh, hs, *saved)
         return hs, hs[-1].clone()
@@ -117,7 +130,18 @@ class GRURecurrence(torch.autograd.Function):
         return dgi, dh0, dw_hh, db_hh, None, None, None
 
 
-def _backward_c(ctx, dhs: Tensor, dh_T: Tensor, tokens: Tensor | None, h0: Tensor, w_hh: Tensor, hs: Tensor, HS, G, N):
+def _backward_c(
+    ctx,
+    dhs: Tensor,
+    dh_T: Tensor,
+    tokens: Tensor | None,
+    h0: Tensor,
+    w_hh: Tensor,
+    hs: Tensor,
+    HS: Tensor,
+    G: Tensor,
+    N: Tensor,
+):
     """The reset-after gradients with the C loop; only the weight gradients, one GEMM and one sum, are left here."""
     T, B, H = hs.shape
     dgi, dG_h, dh0 = gru_cpu.backward(
@@ -189,11 +213,7 @@ def gru_recurrence(
     """(hs, h_T): GRURecurrence when a gradient is needed; otherwise the bare loop, which saves nothing."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (gi, h0, w_hh, b_hh)):
         return GRURecurrence.apply(gi, h0, w_hh, b_hh, tokens, reset_after, use_c)
-    lib = _c_kernel(reset_after, gi, h0, w_hh, b_hh, tokens) if use_c else None
-    if lib is not None:
-        hs = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save=False, tokens=tokens)[0][1:]
-    else:
-        hs = _forward(gi if tokens is None else F.embedding(tokens, gi), h0, w_hh, b_hh, reset_after, save=False)[0]
+    hs = _recurrence(gi, h0, w_hh, b_hh, tokens, reset_after, use_c, save=False)[1]
     return hs, hs[-1]
 
 
