@@ -122,25 +122,31 @@ print("equal")
 
 
 def test_first_use_compiles_into_the_cache_and_later_runs_reuse_it(tmp_path):
-    first = python(CHECK, {"GRUEXP_CACHE_DIR": str(tmp_path)})
+    first = python(CHECK, {"XDG_CACHE_HOME": str(tmp_path)})
     assert first.stdout.split() == ["loaded", "equal"], first.stderr
-    built = list((tmp_path / "kernels").iterdir())
+    built = list((tmp_path / "gruexp" / "kernels").iterdir())
     assert len(built) == 1 and built[0].name.startswith("gru_cpu-") and built[0].suffix == ".so"
     mtime = built[0].stat().st_mtime_ns
-    second = python(CHECK, {"GRUEXP_CACHE_DIR": str(tmp_path), "CC": "false"})  # a compiler that always fails
+    second = python(CHECK, {"XDG_CACHE_HOME": str(tmp_path), "CC": "false"})  # a compiler that always fails
     assert second.stdout.split() == ["loaded", "equal"], second.stderr
-    assert list((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+    assert list((tmp_path / "gruexp" / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == mtime
 
 
 def test_without_a_working_compiler_it_warns_once_and_the_op_loop_runs(tmp_path):
-    result = python(CHECK, {"GRUEXP_CACHE_DIR": str(tmp_path), "CC": "false"})
+    result = python(CHECK, {"XDG_CACHE_HOME": str(tmp_path), "CC": "false"})
     assert result.stdout.split() == ["fallback", "equal"], result.stderr
     warnings = [line for line in result.stderr.splitlines() if "no C loop" in line]
     assert len(warnings) == 1 and "using the torch-op loop" in warnings[0]
-    assert list((tmp_path / "kernels").iterdir()) == []  # no half-built library left behind
+    assert list((tmp_path / "gruexp" / "kernels").iterdir()) == []  # no half-built library left behind
 
 
 def test_gruexp_fused_cpu_ops_chooses_the_op_loop_silently(tmp_path):
-    result = python(CHECK, {"GRUEXP_CACHE_DIR": str(tmp_path), "GRUEXP_FUSED_CPU": "ops"})
+    result = python(CHECK, {"XDG_CACHE_HOME": str(tmp_path), "GRUEXP_FUSED_CPU": "ops"})
     assert result.stdout.split() == ["fallback", "equal"] and "no C loop" not in result.stderr
-    assert not (tmp_path / "kernels").exists()
+    assert not (tmp_path / "gruexp" / "kernels").exists()
+
+
+def test_an_unknown_gruexp_fused_cpu_is_one_line_that_names_the_choices(tmp_path):
+    result = python("from gruexp.models import gru_cpu; gru_cpu.load()", {"GRUEXP_FUSED_CPU": "off"})
+    assert result.returncode != 0
+    assert "GRUEXP_FUSED_CPU must be 'c' (the C loop) or 'ops' (the torch-op loop), got 'off'" in result.stderr

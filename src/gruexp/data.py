@@ -19,18 +19,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gruexp import UserError
+from gruexp import UserError, cache_dir
 
 log = logging.getLogger(__name__)
 
 URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 FILENAME = "timemachine.txt"
-
-
-def cache_dir() -> Path:
-    """Where a downloaded corpus is kept: $XDG_CACHE_HOME/gruexp or ~/.cache/gruexp."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gruexp"
 
 
 def sha1(path: Path) -> str:

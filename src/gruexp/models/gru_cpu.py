@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gruexp import UserError, cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gru_cpu.c")
@@ -44,12 +46,6 @@ _ARGTYPES = {
     "gru_backward": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I],
     "gru_set_gemm": [_P],
 }
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels live: $GRUEXP_CACHE_DIR, else the user's cache folder."""
-    root = os.environ.get("GRUEXP_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "gruexp"
-    return Path(root).expanduser() / "kernels"
 
 
 def _cpu() -> str:
@@ -80,11 +76,14 @@ def _compile(cc: str, target: Path) -> None:
 @cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use and cached per machine; None (and one warning) where it cannot be."""
-    if os.environ.get("GRUEXP_FUSED_CPU", "c") == "ops":
+    choice = os.environ.get("GRUEXP_FUSED_CPU", "c")
+    if choice not in ("c", "ops"):
+        raise UserError(f"GRUEXP_FUSED_CPU must be 'c' (the C loop) or 'ops' (the torch-op loop), got {choice!r}")
+    if choice == "ops":
         return None
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha1("\0".join([SOURCE.read_text(), *CFLAGS, _cpu(), sys.platform]).encode()).hexdigest()
-    target = cache_dir() / f"gru_cpu-{key[:16]}.so"
+    target = cache_dir() / "kernels" / f"gru_cpu-{key[:16]}.so"
     try:
         blas = ctypes.CDLL(next((Path(torch.__file__).parent / "lib").glob("*torch_cpu.*")))
         if not target.exists():
