@@ -42,6 +42,7 @@ def inputs(T: int, B: int, H: int, V: int | None, dtype: torch.dtype) -> tuple[T
 
 def run(gi, h0, w_hh, b_hh, tokens, use_c: bool, threads: int):
     """Values and gradients of a loss weighing every output and the final state differently."""
+    assert not use_c or gru_cpu.load() is not None  # else both runs would be the op loop
     torch.set_num_threads(threads)
     try:
         for leaf in (gi, h0, w_hh, b_hh):
