@@ -63,9 +63,7 @@ def test_offline_without_file_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("GRUEXP_DATA_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "URL", "http://127.0.0.1:9/timemachine.txt")  # nothing listens on port 9
-    with pytest.raises(
-        UserError, match=f"no network: put d2l's timemachine.txt .* at {tmp_path}/d/timemachine.txt"
-    ):
+    with pytest.raises(UserError, match=f"no network: put d2l's timemachine.txt .* at {tmp_path}/d/timemachine.txt"):
         data.resolve_corpus()
 
 
@@ -126,9 +124,7 @@ def test_sequential_rows_continue_per_rank_under_ddp():
     for r, rank_batches in enumerate(ranks):
         assert len(rank_batches) == len(full)
         for t, (x, y) in enumerate(rank_batches):
-            assert torch.equal(
-                x, full[t][0][4 * r : 4 * r + 4]
-            )  # each rank owns its rows of the global batch
+            assert torch.equal(x, full[t][0][4 * r : 4 * r + 4])  # each rank owns its rows of the global batch
             assert torch.equal(y[:, :-1], x[:, 1:])
             if t:
                 assert torch.equal(x[:, 0], rank_batches[t - 1][0][:, -1] + 1)  # row i continues row i

@@ -65,7 +65,14 @@ def test_two_processes_train_like_one_and_rank_zero_writes(tmp_path, make_cfg, c
     assert len(runs) == 1  # no second folder for rank 1
     job = runs[0]
     assert {p.name for p in job.iterdir()} == {
-        ".hydra", "checkpoints", "csv", "summary.json", "train.log", "train_rank1.log", "wandb", "ppl.png"
+        ".hydra",
+        "checkpoints",
+        "csv",
+        "summary.json",
+        "train.log",
+        "train_rank1.log",
+        "wandb",
+        "ppl.png",
     }
     assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # rank 0 alone logs to W&B
     hydra_cfg = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra

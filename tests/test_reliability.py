@@ -140,8 +140,10 @@ def test_checkpoint_write_is_atomic(tmp_path):
         (["data.num_steps=0"], "data.num_steps must be a positive integer, got 0"),
         (["data.num_steps=5000"], "data.num_steps=5000 needs at least 5001 tokens"),
         (["trainer.accelerator=cpu", "trainer.devices=4096"], "trainer.devices=4096 but this machine has"),
-        (["trainer.accelerator=gpu"] if not torch.cuda.is_available() else ["trainer.devices=4096"],
-         "(check trainer.accelerator and trainer.devices)"),
+        (
+            ["trainer.accelerator=gpu"] if not torch.cuda.is_available() else ["trainer.devices=4096"],
+            "(check trainer.accelerator and trainer.devices)",
+        ),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt is not a checkpoint file"),
     ],
 )
@@ -235,8 +237,15 @@ def test_divergence_stops_with_the_step_keeps_last_good_checkpoint(capfd, tmp_pa
 @pytest.mark.slow
 def test_sweep_with_a_diverging_job_finishes_the_others_and_fails(tmp_path, corpus_path):
     sweep = tmp_path / "sweep"
-    r = run_cli("gruexp.train", "-m", *TINY, "trainer.max_epochs=1", "trainer.gradient_clip_val=null",
-                "optimizer.lr=1e6,1", f"hydra.sweep.dir={sweep}")
+    r = run_cli(
+        "gruexp.train",
+        "-m",
+        *TINY,
+        "trainer.max_epochs=1",
+        "trainer.gradient_clip_val=null",
+        "optimizer.lr=1e6,1",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert r.returncode != 0
     assert "Error executing job with overrides" in r.stderr and "optimizer.lr=1000000.0" in r.stderr
     statuses = [json.loads((sweep / str(i) / "summary.json").read_text())["status"] for i in (0, 1)]
@@ -248,9 +257,18 @@ def test_sweep_with_a_diverging_job_finishes_the_others_and_fails(tmp_path, corp
 
 @pytest.mark.slow
 def test_ddp_rank_that_raises_ends_the_whole_job(tmp_path, inject_path, corpus_path):
-    r = run_cli("gruexp.train", *TINY, "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
-                "+callbacks.fail._target_=inject.RaiseAt", "+callbacks.fail.step=3", "+callbacks.fail.rank=1",
-                f"hydra.run.dir={tmp_path / 'run'}", timeout=180)  # a hang would be a TimeoutExpired
+    r = run_cli(
+        "gruexp.train",
+        *TINY,
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "+callbacks.fail._target_=inject.RaiseAt",
+        "+callbacks.fail.step=3",
+        "+callbacks.fail.rank=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=180,
+    )  # a hang would be a TimeoutExpired
     assert r.returncode != 0
     assert "injected failure in rank 1 at step 3" in r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"

@@ -61,7 +61,10 @@ def test_grid_multirun_runs_every_combination(tmp_path, corpus_path):
     sweep = sweep_folder(tmp_path)
     jobs = jobs_of(sweep)
     assert sorted((j["model"], j["lr"]) for j in jobs.values()) == [
-        ("fused", 0.5), ("fused", 2), ("torch", 0.5), ("torch", 2)
+        ("fused", 0.5),
+        ("fused", 2),
+        ("torch", 0.5),
+        ("torch", 2),
     ]
     check_winner(sweep, r.stdout + r.stderr)
 
@@ -69,8 +72,9 @@ def test_grid_multirun_runs_every_combination(tmp_path, corpus_path):
 @pytest.mark.slow
 def test_multirun_with_two_processes_and_one_wandb_run_per_job(tmp_path, corpus_path):
     wandb = ["logger=wandb", "logger.wandb.mode=offline", "logger.wandb.project=gruexp-test"]
-    r = run_cli("gruexp.train", "-m", "model=torch", "optimizer.lr=0.5,2", "trainer.devices=2", *wandb, *ONE_EPOCH,
-                cwd=tmp_path)
+    r = run_cli(
+        "gruexp.train", "-m", "model=torch", "optimizer.lr=0.5,2", "trainer.devices=2", *wandb, *ONE_EPOCH, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = sweep_folder(tmp_path)
     jobs = jobs_of(sweep)
@@ -103,9 +107,11 @@ def test_optuna_with_two_processes_then_resume(tmp_path, corpus_path):
         (j["lr"], j["gradient_clip_val"]) for j in before.values()
     }
     with sqlite3.connect(sweep / "optuna.db") as db:
-        values = dict(db.execute(
-            "SELECT t.number, v.value FROM trials t JOIN trial_values v USING (trial_id) WHERE t.state='COMPLETE'"
-        ).fetchall())
+        values = dict(
+            db.execute(
+                "SELECT t.number, v.value FROM trials t JOIN trial_values v USING (trial_id) WHERE t.state='COMPLETE'"
+            ).fetchall()
+        )
     assert values == pytest.approx({int(k): j["val_ppl"] for k, j in after.items()})
     check_one_wandb_run_per_job(sweep, after)
     check_winner(sweep, again.stdout + again.stderr)
@@ -113,8 +119,17 @@ def test_optuna_with_two_processes_then_resume(tmp_path, corpus_path):
 
 @pytest.mark.slow
 def test_local_launcher_runs_ddp_jobs_one_at_a_time(tmp_path, corpus_path):
-    r = run_cli("gruexp.train", "-m", "hydra/launcher=local", "hydra.launcher.array_parallelism=1", "model=torch",
-                "optimizer.lr=0.5,2", "trainer.devices=2", *ONE_EPOCH, cwd=tmp_path)
+    r = run_cli(
+        "gruexp.train",
+        "-m",
+        "hydra/launcher=local",
+        "hydra.launcher.array_parallelism=1",
+        "model=torch",
+        "optimizer.lr=0.5,2",
+        "trainer.devices=2",
+        *ONE_EPOCH,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = sweep_folder(tmp_path)
     jobs = jobs_of(sweep)
@@ -132,8 +147,11 @@ def test_local_launcher_runs_ddp_jobs_one_at_a_time(tmp_path, corpus_path):
 def test_slurm_launcher_takes_its_resources_from_the_trainer():
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", ["hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2",
-                                "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            ["hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     GlobalHydra.instance().clear()
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")

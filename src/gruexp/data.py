@@ -36,9 +36,7 @@ def _verified(path: Path) -> Path:
     try:
         digest = sha1(path)
     except OSError as e:
-        raise UserError(
-            f"cannot read the corpus {path}: {e.strerror}; fix its permissions or delete it"
-        ) from e
+        raise UserError(f"cannot read the corpus {path}: {e.strerror}; fix its permissions or delete it") from e
     if digest != SHA1:
         raise UserError(
             f"corpus {path} has SHA-1 {digest}, expected d2l's {SHA1}: delete it to download it again, "
@@ -91,9 +89,7 @@ def read_lines(path: Path) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"corpus {path} is not UTF-8 text (byte {e.start}): convert it, e.g. iconv -t utf-8"
-        ) from e
+        raise UserError(f"corpus {path} is not UTF-8 text (byte {e.start}): convert it, e.g. iconv -t utf-8") from e
     return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in text.splitlines()]
 
 
@@ -296,9 +292,7 @@ class TimeMachineDataModule(L.LightningDataModule):
 
     def _loader(self, ids: torch.Tensor, batch_size: int, partition: str, shuffle_offset: bool) -> StreamLoader:
         rank, world = self._rank()
-        sampler = StreamSampler(
-            len(ids), self.num_steps, batch_size, partition, rank, world, self.seed, shuffle_offset
-        )
+        sampler = StreamSampler(len(ids), self.num_steps, batch_size, partition, rank, world, self.seed, shuffle_offset)
         if len(sampler) == 0:
             raise UserError(
                 f"the {len(ids)}-token split holds no batch of {batch_size} rows x {self.num_steps} steps: "

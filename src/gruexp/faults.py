@@ -129,7 +129,10 @@ class InterruptCheckpoint(Callback):
         if trainer.is_global_zero:
             log.warning(
                 "saved %s at epoch %d, step %d: resume with ckpt_path=last (or ckpt_path=%s)",
-                path, trainer.current_epoch, trainer.global_step, path,
+                path,
+                trainer.current_epoch,
+                trainer.global_step,
+                path,
             )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -72,9 +72,7 @@ def generate(model: CharLM, prefix: str, num_chars: int = 50, temperature: float
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     try:
-        text = generate(
-            load(cfg.ckpt_path, cfg.device), str(cfg.prefix), cfg.num_chars, cfg.temperature, cfg.seed
-        )
+        text = generate(load(cfg.ckpt_path, cfg.device), str(cfg.prefix), cfg.num_chars, cfg.temperature, cfg.seed)
     except UserError as e:
         log.error("%s", e)
         sys.exit(2)

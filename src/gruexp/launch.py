@@ -37,8 +37,19 @@ log = logging.getLogger("gruexp.launch")
 # What Lightning's launcher and seed_everything put into os.environ for one job; restored when the job ends.
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
 # Hydra overrides that describe the sweep, not the job: a child must not inherit them.
-_SWEEP_KEYS = ("hydra.run", "hydra.sweep", "hydra.mode", "hydra.launcher", "hydra/launcher", "hydra.sweeper",
-               "hydra/sweeper", "hydra.callbacks", "hydra/callbacks", "hydra.output_subdir", "hydra.job.name")
+_SWEEP_KEYS = (
+    "hydra.run",
+    "hydra.sweep",
+    "hydra.mode",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.callbacks",
+    "hydra/callbacks",
+    "hydra.output_subdir",
+    "hydra.job.name",
+)
 
 _children: list[subprocess.Popen] = []  # ranks started for the current job, waited for when it ends
 
@@ -206,10 +217,17 @@ class PrintBestRun(HydraCallback):
         best = jobs[0]
         log.info(
             "best of %d jobs: job %s (%s), %s %.3f: %s",
-            len(jobs), best["job"], sweep_dir / best["job"], self.metric, best[self.metric],
+            len(jobs),
+            best["job"],
+            sweep_dir / best["job"],
+            self.metric,
+            best[self.metric],
             " ".join(o for o in best["overrides"] if o not in common) or "(all jobs alike)",
         )
-        payload = {"job": best["job"], "folder": str(sweep_dir / best["job"]), self.metric: best[self.metric],
-                   "overrides": best["overrides"]}
+        payload = {
+            "job": best["job"],
+            "folder": str(sweep_dir / best["job"]),
+            self.metric: best[self.metric],
+            "overrides": best["overrides"],
+        }
         (sweep_dir / "best.json").write_text(json.dumps(payload, indent=2) + "\n")
-

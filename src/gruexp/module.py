@@ -199,9 +199,7 @@ class CharLM(L.LightningModule):
         return self.vocab.decode(out)
 
     def configure_optimizers(self):
-        opt = (self.optimizer or torch.optim.SGD)(
-            self.parameters(), **({} if self.optimizer else {"lr": 1.0})
-        )
+        opt = (self.optimizer or torch.optim.SGD)(self.parameters(), **({} if self.optimizer else {"lr": 1.0}))
         if self.scheduler is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "epoch"}}

@@ -104,9 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
     ckpt = trainer.checkpoint_callback
     if ckpt is not None:
-        summary["best_val_ppl"] = (
-            float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan
-        )
+        summary["best_val_ppl"] = float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan
         summary["best_ckpt"] = ckpt.best_model_path
         summary["last_ckpt"] = ckpt.last_model_path
     if trainer.is_global_zero:

@@ -8,7 +8,6 @@
 `array_parallelism`, and Hydra re-runs plugin modules on its scan, so the plugin's own names cannot be redefined).
 """
 
-
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
