@@ -147,7 +147,8 @@ def test_gruexp_fused_cpu_ops_chooses_the_op_loop_silently(tmp_path):
     assert not (tmp_path / "gruexp" / "kernels").exists()
 
 
-def test_an_unknown_gruexp_fused_cpu_is_one_line_that_names_the_choices(tmp_path):
-    result = python("from gruexp.models import gru_cpu; gru_cpu.load()", {"GRUEXP_FUSED_CPU": "off"})
+@pytest.mark.parametrize("code", ["gru_cpu.load()", "build_model('fused', 28, 8)"])
+def test_an_unknown_gruexp_fused_cpu_is_refused_naming_the_choices(code):
+    result = python(f"from gruexp.models import build_model, gru_cpu; {code}", {"GRUEXP_FUSED_CPU": "off"})
     assert result.returncode != 0
     assert "GRUEXP_FUSED_CPU must be 'c' (the C loop) or 'ops' (the torch-op loop), got 'off'" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from gruexp import UserError
+from gruexp.models import gru_cpu
 from gruexp.models.fused import FusedGRU, GRULayers, GRURecurrence, gru_recurrence
 from gruexp.models.scratch import ScratchGRU
 from gruexp.models.torch_gru import TorchGRU
@@ -58,4 +59,5 @@ def build_model(
         if reset_after is False:
             raise UserError("model 'torch' (nn.GRU) is reset-after only: model.reset_after=false needs 'fused'")
         return TorchGRU(vocab_size, hidden_size, num_layers, dropout)
+    gru_cpu.loop_choice()  # a bad GRUEXP_FUSED_CPU is refused here, before a run starts, not at the first batch
     return FusedGRU(vocab_size, hidden_size, num_layers, dropout, reset_after is not False)

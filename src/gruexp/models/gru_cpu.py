@@ -73,13 +73,18 @@ def _compile(cc: str, target: Path) -> None:
         os.replace(f"{tmp}/lib.so", target)
 
 
-@cache
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use and cached per machine; None (and one warning) where it cannot be."""
+def loop_choice() -> str:
+    """$GRUEXP_FUSED_CPU: 'c' (the default, the C loop where it can be built) or 'ops' (the torch-op loop)."""
     choice = os.environ.get("GRUEXP_FUSED_CPU", "c")
     if choice not in ("c", "ops"):
         raise UserError(f"GRUEXP_FUSED_CPU must be 'c' (the C loop) or 'ops' (the torch-op loop), got {choice!r}")
-    if choice == "ops":
+    return choice
+
+
+@cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use and cached per machine; None (and one warning) where it cannot be."""
+    if loop_choice() == "ops":
         return None
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha1("\0".join([SOURCE.read_text(), *CFLAGS, _cpu(), sys.platform]).encode()).hexdigest()
