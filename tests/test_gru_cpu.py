@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from gruexp.models import gru_cpu
+from gruexp.models import FusedGRU, gru_cpu
 from gruexp.models.fused import GRURecurrence
 
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler on PATH")
@@ -82,6 +83,14 @@ def test_c_loop_in_float64_agrees_to_rounding(T, B, H, V, threads):
 def test_c_loop_gradcheck(V):
     gi, h0, w_hh, b_hh, tokens = inputs(4, 3, 5, V, torch.float64)
     assert torch.autograd.gradcheck(lambda *a: GRURecurrence.apply(*a, tokens, True, True), (gi, h0, w_hh, b_hh))
+
+
+@pytest.mark.parametrize("bad", [-1, 28])
+def test_token_ids_outside_the_vocabulary_are_refused_not_read(bad):
+    x = torch.randint(0, 28, (4, 9))
+    x[2, 3] = bad
+    with pytest.raises(IndexError, match=re.escape("token ids must lie in [0, 28): the vocabulary has 28 tokens")):
+        FusedGRU(28, 16)(x)
 
 
 def test_thread_count_does_not_change_the_result():
