@@ -90,9 +90,11 @@ class CharLM(L.LightningModule):
         if self._resume is not None:
             self._apply_resume(batch_idx)
         loss, logits = self._step(batch, carry=self.carry_state)
-        self.train_ppl(logits.detach(), batch[1])
-        self.train_tokens(batch[1].numel())
-        self.log("train/loss", loss, prog_bar=False)
+        # update(), not forward(): forward also computes a per-batch perplexity that nothing reads
+        self.train_ppl.update(logits.detach(), batch[1])
+        self.train_tokens.update(batch[1].numel())
+        if self.trainer._logger_connector.should_update_logs:  # self.log costs ~1 ms; the loggers skip other steps
+            self.log("train/loss", loss, prog_bar=False)
         self.log("train/ppl", self.train_ppl, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
