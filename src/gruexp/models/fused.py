@@ -83,9 +83,10 @@ def _recurrence(
         if tokens is None or (tokens.dtype == torch.int64 and tokens.is_contiguous()):
             lib = gru_cpu.load()
     if lib is not None:
-        if tokens is not None and not 0 <= int(tokens.min()) <= int(tokens.max()) < gi.shape[0]:
-            # the C loop reads table rows by id unchecked: refuse what F.embedding would refuse
-            raise IndexError(f"token ids must lie in [0, {gi.shape[0]}): the vocabulary has {gi.shape[0]} tokens")
+        if tokens is not None:  # the C loop reads table rows by id unchecked: refuse what F.embedding refuses
+            lo, hi = torch.aminmax(tokens)  # one pass over the ids, not a min() and a max()
+            if not 0 <= int(lo) <= int(hi) < gi.shape[0]:
+                raise IndexError(f"token ids must lie in [0, {gi.shape[0]}): the vocabulary has {gi.shape[0]} tokens")
         HS, saved = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save, tokens)
         return lib, HS[1:], ((HS, *saved) if save else ())
     hs, saved = _forward(gi if tokens is None else F.embedding(tokens, gi), h0, w_hh, b_hh, reset_after, save)
