@@ -26,11 +26,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from gruexp import UserError
+from gruexp.threads import THREAD_VARS, threads_per_process, usable_cores, user_threads
 
 log = logging.getLogger("gruexp.launch")
 
@@ -75,12 +77,34 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
     return cmd, hc.runtime.cwd
 
 
+def share_cores_among_ranks(ranks: int) -> None:
+    """DDP on CPU: give this process and the ranks it starts `cores // ranks` torch threads each.
+
+    Unless OMP_NUM_THREADS is set (by the user, or by hydra/launcher=local for its jobs): then every rank keeps it.
+    The variables go into os.environ, which the ranks inherit before their Python starts; this process is already
+    running, so it sets its own count with torch.set_num_threads (job_scope restores both when the job ends).
+    """
+    if user_threads() is not None:
+        return
+    threads = threads_per_process(ranks)
+    for var in THREAD_VARS:
+        os.environ[var] = str(threads)
+    torch.set_num_threads(threads)
+    log.info("%d DDP ranks on CPU: %d torch threads each (%d cores // %d ranks)", ranks, threads, usable_cores(), ranks)
+
+
 class JobScriptLauncher(_SubprocessScriptLauncher):
     """Lightning's subprocess launcher, but each child re-runs the current Hydra job only (see the module doc)."""
+
+    def __init__(self, *args: Any, on_cpu: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_cpu = on_cpu
 
     def _call_children_scripts(self) -> None:
         # Lightning's body, with `job_command` in place of `_hydra_subprocess_cmd` (a module function it calls).
         self._check_can_spawn_children()
+        if self.on_cpu:
+            share_cores_among_ranks(self.num_processes * self.num_nodes)
         self.procs = _children  # the list Lightning's child observer watches; job_scope empties it at job end
         env = self.cluster_environment
         os.environ["MASTER_ADDR"] = env.main_address
@@ -103,7 +127,12 @@ class JobDDPStrategy(DDPStrategy):
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if self._start_method == "popen":
-            self._launcher = JobScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = JobScriptLauncher(
+                self.cluster_environment,
+                self.num_processes,
+                self.num_nodes,
+                on_cpu=isinstance(self.accelerator, CPUAccelerator),
+            )
 
 
 def register_strategies() -> None:
@@ -125,7 +154,8 @@ def job_scope() -> Iterator[None]:
     keeps the process group until exit, and W&B keeps its run open (the next job would log into it).
     """
     register_strategies()
-    before = {k: os.environ.get(k) for k in _DDP_ENV}
+    before = {k: os.environ.get(k) for k in (*_DDP_ENV, *THREAD_VARS)}
+    threads = torch.get_num_threads()
     started_here = "LOCAL_RANK" not in os.environ  # not torchrun/SLURM: this job owns its process group
     _children.clear()
     try:
@@ -151,6 +181,7 @@ def job_scope() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        torch.set_num_threads(threads)  # share_cores_among_ranks may have lowered it for this job's ranks
 
 
 def config_digest(cfg: DictConfig, seed: int | None) -> str:
@@ -171,6 +202,13 @@ class SameConfigOnAllRanks(L.Callback):
         log.info("rank %d/%d config %s %s", trainer.global_rank, trainer.world_size, self.digest, self.summary)
         if trainer.world_size == 1:
             return
+        log.info(
+            "rank %d/%d: %d torch threads (OMP_NUM_THREADS=%s)",
+            trainer.global_rank,
+            trainer.world_size,
+            torch.get_num_threads(),
+            os.environ.get("OMP_NUM_THREADS", "unset"),
+        )
         mine = torch.tensor([int(self.digest, 16)], dtype=torch.long, device=pl_module.device)
         everyone = trainer.strategy.all_gather(mine).flatten().tolist()
         if len(set(everyone)) > 1:

@@ -1,0 +1,258 @@
+"""hydra/launcher=local: submitit's local executor, N jobs side by side, each with its share of the cores and its GPUs.
+
+What the plugin's own `submitit_local` lacks (submitit's LocalExecutor has none of it):
+- a bound: at most `array_parallelism` jobs run at once, a new one starting as soon as one ends;
+- CPU threads: each job gets `cores // (jobs side by side x its trainer.devices)` torch threads (at least 1),
+  through OMP_NUM_THREADS/MKL_NUM_THREADS set before the job's Python starts; an OMP_NUM_THREADS of the user wins;
+- GPUs: submitit gives every job the same CUDA_VISIBLE_DEVICES (empty, i.e. no GPU, unless gpus_per_node is set).
+  Here a lock-protected pool hands each job `trainer.devices` GPUs of its own and takes them back when its process
+  ends, crashed or not (job.num % N would put two jobs on one GPU as soon as jobs end out of order), and
+  array_parallelism is capped at what the pool can serve at once. On a machine without GPUs nothing changes.
+The variables reach the job through submitit's own `setup` commands (shell lines run before the job's Python).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import DictConfig, OmegaConf
+
+from gruexp.threads import THREAD_VARS, threads_per_process, usable_cores, user_threads
+
+log = logging.getLogger("gruexp.launch")
+
+_GPU_ACCELERATORS = ("auto", "gpu", "cuda")
+_POLL_S = 0.2  # how often a job's process is checked for its end (submitit's own wait polls once a second)
+
+
+class DevicePool:
+    """GPU ids lent to running jobs: `acquire(k)` waits until k are free and takes them, `release` gives them back."""
+
+    def __init__(self, ids: Sequence[str]):
+        self.ids = [str(i) for i in ids]
+        self._free = list(self.ids)
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def acquire(self, k: int) -> list[str]:
+        """Take k free ids (the lowest first), waiting while fewer are free; k larger than the pool is an error."""
+        if k > len(self.ids):
+            raise ValueError(f"{k} GPUs wanted from a pool of {len(self.ids)}")
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._free) >= k)
+            taken, self._free = self._free[:k], self._free[k:]
+            return taken
+
+    def release(self, ids: Sequence[str]) -> None:
+        """Give ids back (in the pool's order, so the next job takes the lowest free one) and wake the waiters."""
+        with self._cond:
+            back = set(self._free) | set(ids)
+            self._free = [i for i in self.ids if i in back]
+            self._cond.notify_all()
+
+    def free(self) -> list[str]:
+        with self._cond:
+            return list(self._free)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES's entries when set, else every device torch counts."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = []
+        for entry in (e.strip() for e in env.split(",")):
+            if not entry or entry.startswith("-"):  # CUDA stops at the first invalid entry ("-1" hides all)
+                break
+            ids.append(entry)
+        return ids
+    import torch  # the sweep's parent (gruexp.train) has imported it already
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def job_processes(cfg: DictConfig, gpus: int) -> tuple[int, bool]:
+    """(processes, wants GPUs) of one job from its `trainer` config: DDP runs trainer.devices processes."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    on_gpu = gpus > 0 and accelerator in _GPU_ACCELERATORS
+    if OmegaConf.is_config(devices):
+        devices = OmegaConf.to_container(devices)
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if devices.lstrip("-").isdigit():
+            devices = int(devices)
+        elif devices == "auto":
+            devices = 1
+        else:  # "0,1": device indices
+            devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, list | tuple):
+        n = len(devices)
+    elif isinstance(devices, int) and devices == -1:  # Lightning's "all devices"
+        n = gpus if on_gpu else usable_cores()
+    else:
+        n = int(devices)
+    return max(1, n), on_gpu
+
+
+class LocalLauncher(BaseSubmititLauncher):
+    """submitit's local launcher with a bound on jobs side by side, CPU threads per job and a GPU pool."""
+
+    _EXECUTOR = "local"
+
+    def __init__(self, array_parallelism: int = 0, gpus: Sequence[Any] | None = None, **params: Any) -> None:
+        super().__init__(**params)
+        self.array_parallelism = array_parallelism
+        if OmegaConf.is_config(gpus):
+            gpus = OmegaConf.to_container(gpus, resolve=True)
+        self.gpus = None if gpus is None else [str(g) for g in gpus]
+
+    def __call__(
+        self,
+        sweep_overrides: list[str],
+        job_dir_key: str,
+        job_num: int,
+        job_id: str,
+        singleton_state: dict[type, Singleton],
+        note: str = "",
+    ) -> JobReturn:
+        """In the job's process: run the Hydra job, first logging (into its log) the threads and GPUs it got."""
+        self.task_function = _announcing(self.task_function, job_num, note)
+        return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+
+    def _executor(self, setup: list[str]) -> Any:
+        """A submitit local executor for one job, parameters as the plugin's launcher passes them, plus `setup`."""
+        import submitit
+
+        params = dict(self.params)
+        executor = submitit.AutoExecutor(cluster="local", folder=params.pop("submitit_folder"))
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"local_{k}": v for k, v in params.items()})
+        executor.update_parameters(local_setup=setup)
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None
+        num_jobs = len(job_overrides)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        log.info("Submitit 'local' sweep output dir : %s", sweep_dir)
+
+        pool = DevicePool(self.gpus if self.gpus is not None else visible_gpus())
+        loader = self.hydra_context.config_loader
+        wants = [job_processes(loader.load_sweep_config(self.config, list(o)), len(pool)) for o in job_overrides]
+        too_many = [(n, on_gpu) for n, on_gpu in wants if on_gpu and n > len(pool)]
+        if too_many:
+            print(
+                f"Error: a job wants trainer.devices={too_many[0][0]} GPUs but hydra/launcher=local has {len(pool)} "
+                f"({', '.join(pool.ids)}): lower trainer.devices or list more in hydra.launcher.gpus",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+
+        side_by_side = min(self.array_parallelism if self.array_parallelism > 0 else num_jobs, num_jobs)
+        if all(on_gpu for _, on_gpu in wants):
+            fit = len(pool) // min(n for n, _ in wants)
+            if fit < side_by_side:
+                log.info("array_parallelism %d capped at %d: %d GPUs (%s)", side_by_side, fit, len(pool), pool.ids)
+                side_by_side = fit
+
+        cores, fixed = usable_cores(), user_threads()
+        jobs = []
+        for k, (overrides, (processes, on_gpu)) in enumerate(zip(job_overrides, wants, strict=True)):
+            idx = initial_job_idx + k
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            if fixed is None:
+                threads = threads_per_process(side_by_side * processes, cores)
+                each = f"{processes} process{'es' * (processes > 1)}"
+                why = f"{cores} cores // ({side_by_side} jobs side by side x {each})"
+                exports = {var: str(threads) for var in THREAD_VARS}
+            else:
+                why, exports = f"OMP_NUM_THREADS={fixed} set by you", {}
+            jobs.append((idx, list(overrides), processes if on_gpu else 0, exports, why))
+
+        submit_lock = threading.Lock()
+        state = Singleton.get_state()
+
+        def run(idx: int, overrides: list[str], num_gpus: int, exports: dict[str, str], why: str) -> Any:
+            """One slot: take the job's GPUs, start it, wait for its process to end, give the GPUs back."""
+            gpus = pool.acquire(num_gpus) if num_gpus else []
+            try:
+                env = {**exports, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if num_gpus else {})}
+                setup = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+                note = why + (f", GPUs {','.join(gpus)} of the pool {','.join(pool.ids)}" if num_gpus else "")
+                with submit_lock:  # one submission at a time: the launcher is pickled into each job's folder
+                    job = self._executor(setup).submit(
+                        self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state, note
+                    )
+                while not job.done():
+                    time.sleep(_POLL_S)
+                return job
+            finally:
+                pool.release(gpus)  # the job's process has ended (or never started): its GPUs are free
+
+        with ThreadPoolExecutor(max_workers=max(1, side_by_side), thread_name_prefix="gruexp-job") as slots:
+            futures = [slots.submit(run, *job) for job in jobs]
+            return [_result(f.result(), idx, overrides) for f, (idx, overrides, *_) in zip(futures, jobs, strict=True)]
+
+
+def _result(job: Any, idx: int, overrides: list[str]) -> JobReturn:
+    """The JobReturn of an ended submitit job; a FAILED one, naming its log, for a process that died without one."""
+    if job.paths.result_pickle.exists():
+        return job.results()[0]  # Hydra's own JobReturn; FAILED with the exception if the task raised
+    # No result file after the process ended: it was killed or exited early (submitit would wait 15 s, then raise).
+    tail = job.stderr() or ""
+    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+    ret.return_value = RuntimeError(
+        f"job #{idx} ended without a result ({job.state}): see {job.paths.stderr}"
+        + (f"\n{tail[-2000:]}" if tail.strip() else "")
+    )
+    return ret
+
+
+def _announcing(task: Callable[[DictConfig], Any], job_num: int, note: str) -> Callable[[DictConfig], Any]:
+    """`task`, logging first (Hydra has set up the job's log by then) the torch threads and GPUs the job sees."""
+
+    def announced(cfg: DictConfig) -> Any:
+        import torch
+
+        log.info(
+            "job %d: %d torch threads (%s), CUDA_VISIBLE_DEVICES=%s",
+            job_num,
+            torch.get_num_threads(),
+            note,
+            os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+        )
+        return task(cfg)
+
+    return announced
+
+
+@dataclass
+class GruexpLocalConf(LocalQueueConf):
+    """The schema of hydra/launcher=local: the plugin's local launcher fields plus `array_parallelism` and `gpus`."""
+
+    _target_: str = "hydra_plugins.gruexp_plugins.launcher.LocalLauncher"
+    array_parallelism: int = 2
+    gpus: Any = None  # null: every GPU this process sees; [] none; [0,2] these (ids as CUDA_VISIBLE_DEVICES takes)
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="gruexp_local", node=GruexpLocalConf, provider="gruexp")
