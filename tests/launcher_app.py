@@ -9,19 +9,27 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 
 @dataclass
 class AppConf:
     x: int = 0
-    crash: int = -1  # the job whose x equals this dies (os._exit: no result, as a killed process)
+    crash: int = -1  # the job whose x equals this dies (os._exit: no result, like a killed process)
     fail: int = -1  # the job whose x equals this raises
+    wide: int = -1  # the job whose x equals this wants trainer.devices=2
     sleep: float = 1.0
+    # read by the launcher (in the sweep's process) to lend each job its GPUs
+    trainer: Any = field(default_factory=lambda: {"accelerator": "auto", "devices": "${app_devices:${x},${wide}}"})
+
+
+OmegaConf.register_new_resolver("app_devices", lambda x, wide: 2 if x == wide else 1)
 
 
 ConfigStore.instance().store(name="app", node=AppConf)
@@ -39,17 +47,15 @@ def main(cfg: AppConf) -> float:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
-    if cfg.x == cfg.crash:
-        seen["end"] = time.time()
-        with open(os.path.join(out, "seen.json"), "w") as f:
-            json.dump(seen, f)
-        os._exit(3)
-    if cfg.x == cfg.fail:
-        raise RuntimeError(f"job x={cfg.x} failed on purpose")
-    time.sleep(cfg.sleep)
+    if cfg.x not in (cfg.crash, cfg.fail):
+        time.sleep(cfg.sleep)
     seen["end"] = time.time()
     with open(os.path.join(out, "seen.json"), "w") as f:
         json.dump(seen, f)
+    if cfg.x == cfg.crash:
+        os._exit(3)
+    if cfg.x == cfg.fail:
+        raise RuntimeError(f"job x={cfg.x} failed on purpose")
     return float(cfg.x)
 
 

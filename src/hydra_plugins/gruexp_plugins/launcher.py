@@ -198,7 +198,7 @@ class LocalLauncher(BaseSubmititLauncher):
             try:
                 env = {**exports, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if num_gpus else {})}
                 setup = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-                note = why + (f", GPUs {','.join(gpus)} of the pool {','.join(pool.ids)}" if num_gpus else "")
+                note = why + (f"; GPUs {','.join(gpus)} of the pool {','.join(pool.ids)}" if num_gpus else "")
                 with submit_lock:  # one submission at a time: the launcher is pickled into each job's folder
                     job = self._executor(setup).submit(
                         self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state, note
@@ -234,12 +234,16 @@ def _announcing(task: Callable[[DictConfig], Any], job_num: int, note: str) -> C
     def announced(cfg: DictConfig) -> Any:
         import torch
 
+        threads, why = torch.get_num_threads(), note.split("; ")[0]
+        gpus = note.split("; ")[1] if "; " in note else "no GPU"
         log.info(
-            "job %d: %d torch threads (%s), CUDA_VISIBLE_DEVICES=%s",
+            "job %d: %d torch thread%s (%s); CUDA_VISIBLE_DEVICES=%s (%s)",
             job_num,
-            torch.get_num_threads(),
-            note,
-            os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+            threads,
+            "s" * (threads != 1),
+            why,
+            os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            gpus,
         )
         return task(cfg)
 
