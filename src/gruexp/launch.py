@@ -84,7 +84,7 @@ def share_cores_among_ranks(ranks: int) -> None:
     The variables go into os.environ, which the ranks inherit before their Python starts; this process is already
     running, so it sets its own count with torch.set_num_threads (job_scope restores both when the job ends).
     """
-    if user_threads() is not None:
+    if ranks <= 1 or user_threads() is not None:
         return
     threads = threads_per_process(ranks)
     for var in THREAD_VARS:
