@@ -192,10 +192,14 @@ class LocalLauncher(BaseSubmititLauncher):
         submit_lock = threading.Lock()
         state = Singleton.get_state()
 
+        stopping = threading.Event()  # set on Ctrl+C: slots still waiting for GPUs start nothing more
+
         def run(idx: int, overrides: list[str], num_gpus: int, exports: dict[str, str], why: str) -> Any:
             """One slot: take the job's GPUs, start it, wait for its process to end, give the GPUs back."""
             gpus = pool.acquire(num_gpus) if num_gpus else []
             try:
+                if stopping.is_set():
+                    return None
                 env = {**exports, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if num_gpus else {})}
                 setup = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
                 note = why + (f"; GPUs {','.join(gpus)} of the pool {','.join(pool.ids)}" if num_gpus else "")
@@ -209,9 +213,16 @@ class LocalLauncher(BaseSubmititLauncher):
             finally:
                 pool.release(gpus)  # the job's process has ended (or never started): its GPUs are free
 
-        with ThreadPoolExecutor(max_workers=max(1, side_by_side), thread_name_prefix="gruexp-job") as slots:
+        slots = ThreadPoolExecutor(max_workers=max(1, side_by_side), thread_name_prefix="gruexp-job")
+        try:
             futures = [slots.submit(run, *job) for job in jobs]
-            return [_result(f.result(), idx, overrides) for f, (idx, overrides, *_) in zip(futures, jobs, strict=True)]
+            ended = [f.result() for f in futures]
+        except BaseException:  # Ctrl+C (which the running jobs get too): start no job that has not started yet
+            stopping.set()
+            slots.shutdown(wait=False, cancel_futures=True)
+            raise
+        slots.shutdown()
+        return [_result(job, idx, overrides) for job, (idx, overrides, *_) in zip(ended, jobs, strict=True)]
 
 
 def _result(job: Any, idx: int, overrides: list[str]) -> JobReturn:
