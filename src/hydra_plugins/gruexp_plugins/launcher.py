@@ -121,6 +121,10 @@ class LocalLauncher(BaseSubmititLauncher):
         self.array_parallelism = array_parallelism
         if OmegaConf.is_config(gpus):
             gpus = OmegaConf.to_container(gpus, resolve=True)
+        if gpus is not None and not isinstance(gpus, list | tuple):
+            fix = "write e.g. 'hydra.launcher.gpus=[0,1]'"
+            print(f"Error: hydra.launcher.gpus={gpus} is not a list of GPU ids: {fix}", file=sys.stderr)
+            raise SystemExit(2)
         self.gpus = None if gpus is None else [str(g) for g in gpus]
 
     def __call__(
