@@ -134,10 +134,11 @@ class LocalLauncher(BaseSubmititLauncher):
         job_num: int,
         job_id: str,
         singleton_state: dict[type, Singleton],
-        note: str = "",
+        threads_why: str = "",
+        gpus_why: str = "no GPU",
     ) -> JobReturn:
         """In the job's process: run the Hydra job, first logging (into its log) the threads and GPUs it got."""
-        self.task_function = _announcing(self.task_function, job_num, note)
+        self.task_function = _announcing(self.task_function, job_num, threads_why, gpus_why)
         return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
 
     def _executor(self, setup: list[str]) -> Any:
@@ -206,10 +207,10 @@ class LocalLauncher(BaseSubmititLauncher):
                     return None
                 env = {**exports, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if num_gpus else {})}
                 setup = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-                note = why + (f"; GPUs {','.join(gpus)} of the pool {','.join(pool.ids)}" if num_gpus else "")
+                lent = f"GPUs {','.join(gpus)} of the pool {','.join(pool.ids)}" if num_gpus else "no GPU"
                 with submit_lock:  # one submission at a time: the launcher is pickled into each job's folder
                     job = self._executor(setup).submit(
-                        self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state, note
+                        self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state, why, lent
                     )
                 while not job.done():
                     time.sleep(_POLL_S)
@@ -231,34 +232,39 @@ class LocalLauncher(BaseSubmititLauncher):
 
 def _result(job: Any, idx: int, overrides: list[str]) -> JobReturn:
     """The JobReturn of an ended submitit job; a FAILED one, naming its log, for a process that died without one."""
-    if job.paths.result_pickle.exists():
-        return job.results()[0]  # Hydra's own JobReturn; FAILED with the exception if the task raised
-    # No result file after the process ended: it was killed or exited early (submitit would wait 15 s, then raise).
-    tail = job.stderr() or ""
+    try:
+        if job.paths.result_pickle.exists():
+            return job.results()[0]  # Hydra's own JobReturn; FAILED with the exception if the task raised
+        # No result file after the process ended: killed or exited early (submitit would wait 15 s, then raise).
+        tail = job.stderr() or ""
+        error: BaseException = RuntimeError(
+            f"job #{idx} ended without a result ({job.state}): see {job.paths.stderr}"
+            + (f"\n{tail[-2000:]}" if tail.strip() else "")
+        )
+    except Exception as e:  # submitit's FailedJobError: the job raised past Hydra (e.g. SystemExit)
+        error = e
     ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-    ret.return_value = RuntimeError(
-        f"job #{idx} ended without a result ({job.state}): see {job.paths.stderr}"
-        + (f"\n{tail[-2000:]}" if tail.strip() else "")
-    )
+    ret.return_value = error
     return ret
 
 
-def _announcing(task: Callable[[DictConfig], Any], job_num: int, note: str) -> Callable[[DictConfig], Any]:
+def _announcing(
+    task: Callable[[DictConfig], Any], job_num: int, threads_why: str, gpus_why: str
+) -> Callable[[DictConfig], Any]:
     """`task`, logging first (Hydra has set up the job's log by then) the torch threads and GPUs the job sees."""
 
     def announced(cfg: DictConfig) -> Any:
         import torch
 
-        threads, why = torch.get_num_threads(), note.split("; ")[0]
-        gpus = note.split("; ")[1] if "; " in note else "no GPU"
+        threads = torch.get_num_threads()
         log.info(
             "job %d: %d torch thread%s (%s); CUDA_VISIBLE_DEVICES=%s (%s)",
             job_num,
             threads,
             "s" * (threads != 1),
-            why,
+            threads_why,
             os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            gpus,
+            gpus_why,
         )
         return task(cfg)
 
