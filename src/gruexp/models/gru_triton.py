@@ -17,8 +17,6 @@ tl.dot's precision follows torch.backends.cuda.matmul.allow_tf32 (IEEE fp32 by d
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -40,11 +38,6 @@ def tile_config(B: int, H: int) -> tuple[int, int, int]:
     config = (block_b, block_h, 4)
     assert config in CONFIGS
     return config
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1): the only way to run them on CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 @triton.jit
