@@ -22,22 +22,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# (BLOCK_B, BLOCK_H, num_warps) the chooser picks from; tests/test_triton_compile.py compiles every one of them for
-# sm_80 and sm_90 and checks shared memory and spills. tl.dot needs every dimension >= 16 on a GPU.
-CONFIGS: tuple[tuple[int, int, int], ...] = ((16, 16, 4), (16, 32, 4), (32, 32, 4))
+# (BLOCK_B, BLOCK_H, num_warps, num_stages) the chooser picks from; tests/test_triton_compile.py compiles every one
+# for sm_80 and sm_90 and checks shared memory and spills. tl.dot needs every dimension >= 16 on a GPU. Measured with
+# ptxas (no GPU): at 4 warps, or with the k loops software-pipelined (num_stages 3), the forward kernels spill or sit
+# at 255 registers; BLOCK_H 64 spills too; BLOCK_B 32 spills in the backward.
+CONFIGS: tuple[tuple[int, int, int, int], ...] = ((16, 32, 8, 1),)
 
 
-def tile_config(B: int, H: int) -> tuple[int, int, int]:
-    """The (BLOCK_B, BLOCK_H, num_warps) for a batch of B and H hidden units; always one of CONFIGS.
+def tile_config(B: int, H: int) -> tuple[int, int, int, int]:
+    """The (BLOCK_B, BLOCK_H, num_warps, num_stages) for a batch of B and H hidden units: one of CONFIGS.
 
     Small batch tiles: each program is a serial chain of T steps, so more programs (B / BLOCK_B) means more of the
-    GPU at work; larger tiles only pay once B alone fills the GPU's SMs. Not yet tuned on a GPU.
+    GPU at work; larger tiles would only pay once B alone fills the GPU's SMs. Not yet tuned on a GPU.
     """
-    block_h = 16 if H <= 16 else 32
-    block_b = 32 if B >= 2048 and block_h == 32 else 16
-    config = (block_b, block_h, 4)
-    assert config in CONFIGS
-    return config
+    return CONFIGS[0]
 
 
 @triton.jit
@@ -284,9 +282,10 @@ def forward(
     f32 = dict(device=h0.device, dtype=torch.float32)
     HS = torch.empty(T + 1, B, H, **f32)
     HS[0] = h0
-    block_b, block_h, warps = tile_config(B, H)
+    block_b, block_h, warps, stages = tile_config(B, H)
     grid = (triton.cdiv(B, block_b),)
-    meta = dict(HAS_TOK=tokens is not None, BLOCK_B=block_b, BLOCK_H=block_h, PREC=precision(), num_warps=warps)
+    meta = dict(HAS_TOK=tokens is not None, BLOCK_B=block_b, BLOCK_H=block_h, PREC=precision())
+    meta.update(num_warps=warps, num_stages=stages)
     N = torch.empty(T, B, H, **f32)
     if reset_after:
         G = torch.empty(T, B, 3 * H, **f32)
@@ -307,9 +306,9 @@ def backward(
     DH[1:] = dhs
     DH[T] += dh_T
     w_hh = w_hh.contiguous()
-    block_b, block_h, warps = tile_config(B, H)
+    block_b, block_h, warps, stages = tile_config(B, H)
     grid = (triton.cdiv(B, block_b),)
-    meta = dict(BLOCK_B=block_b, BLOCK_H=block_h, PREC=precision(), num_warps=warps)
+    meta = dict(BLOCK_B=block_b, BLOCK_H=block_h, PREC=precision(), num_warps=warps, num_stages=stages)
     h_prev = HS[:-1].reshape(T * B, H)
     if reset_after:
         G, N = saved
@@ -323,3 +322,64 @@ def backward(
     D2 = D.view(T * B, 3 * H)
     dw_hh = torch.cat((D2[:, : 2 * H].t() @ h_prev, D2[:, 2 * H :].t() @ RH.view(T * B, H)))
     return D, DH[0], dw_hh, D2.sum(0)
+
+
+KERNELS = {  # kernel -> the HAS_TOK values it is launched with
+    forward_reset_after_kernel: (False, True),
+    forward_reset_before_kernel: (False, True),
+    backward_reset_after_kernel: (None,),
+    backward_reset_before_kernel: (None,),
+}
+
+
+def compile_report(capabilities: tuple[int, ...] = (80, 90)) -> list[dict]:
+    """Compile every kernel in every configuration of CONFIGS, both precisions, for each sm_<capability>, without
+    a GPU (Triton ships ptxas); one row per kernel with its shared memory, and ptxas's registers, stack frame and
+    spill stores/loads in bytes (what the driver reports as n_spills on a GPU).
+
+    Run it where TRITON_INTERPRET is unset: the interpreter compiles nothing. Used by tests/test_triton_compile.py.
+    """
+    import contextlib
+    import io
+    import re
+
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rows = []
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's report: the only place spills show without a GPU
+    for capability in capabilities:
+        target = GPUTarget("cuda", capability, 32)
+        for fn, has_tok_values in KERNELS.items():
+            for (block_b, block_h, warps, stages), prec, has_tok in (
+                (c, p, t) for c in CONFIGS for p in ("ieee", "tf32") for t in has_tok_values
+            ):
+                signature = {name: "*fp32" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+                constants = {"BLOCK_B": block_b, "BLOCK_H": block_h, "PREC": prec}
+                if has_tok is not None:
+                    signature["tok_ptr"], constants["HAS_TOK"] = "*i64", has_tok
+                signature.update(dict.fromkeys(constants, "constexpr"))
+                source = ASTSource(fn, signature, constants)
+                log = io.StringIO()
+                with contextlib.redirect_stdout(log):
+                    kernel = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+                text = log.getvalue()
+                stack, stores, loads = re.search(
+                    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text
+                ).groups()
+                rows.append(
+                    {
+                        "kernel": fn.__name__,
+                        "sm": capability,
+                        "config": (block_b, block_h, warps, stages),
+                        "precision": prec,
+                        "HAS_TOK": has_tok,
+                        "shared": kernel.metadata.shared,
+                        "registers": int(re.search(r"Used (\d+) registers", text).group(1)),
+                        "stack": int(stack),
+                        "spill_stores": int(stores),
+                        "spill_loads": int(loads),
+                    }
+                )
+    return rows
