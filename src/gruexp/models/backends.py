@@ -134,7 +134,8 @@ def _kernel_version() -> str:
 
 def _max_rel_err(got: Tensor, ref: Tensor) -> float:
     """max |got - ref| over max(1, max |ref|): one number for values and gradients of any scale."""
-    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1))
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1))
 
 
 class Autotuner:
@@ -147,11 +148,11 @@ class Autotuner:
 
     def __init__(
         self,
-        path: Path | None = None,
+        path: Path | str | None = None,
         timer: Callable[[Callable[[], object], int], float] = cuda_timer,
         steps: int = 5,
     ) -> None:
-        self._path, self.timer, self.steps = path, timer, steps
+        self._path, self.timer, self.steps = (Path(path) if path else None), timer, steps
         self.decisions: dict[str, dict] = {}
 
     @property
