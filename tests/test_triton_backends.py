@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from gruexp import UserError
-from gruexp.models import build_model, choose_backend, gru_triton
-from gruexp.models.backends import Autotuner, triton_interpreted
+from gruexp.models import build_model, choose_backend
+from gruexp.models.backends import Autotuner, triton_available, triton_interpreted
 
-needs_interpreter = pytest.mark.skipif(not triton_interpreted(), reason="runs Triton's interpreter")
+needs_interpreter = pytest.mark.skipif(
+    not (triton_available() and triton_interpreted()), reason="runs Triton's interpreter (TRITON_INTERPRET=1)"
+)
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
@@ -193,6 +195,8 @@ def test_a_triton_failure_falls_back_with_one_warning_naming_the_cause(
     tmp_path, caplog, monkeypatch, reset_after, fallback
 ):
     """A real Triton error: a 24-unit tile is no power of 2, which tl.arange refuses."""
+    from gruexp.models import gru_triton
+
     monkeypatch.setattr(gru_triton, "tile_config", lambda B, H: (16, 24, 8, 1))
     timer = RecordingTimer()
     with caplog.at_level(logging.WARNING, logger="gruexp.models.backends"):

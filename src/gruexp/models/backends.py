@@ -44,6 +44,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+@cache
+def triton_available() -> bool:
+    """Whether the triton package imports (Linux wheels; torch's CUDA builds bring it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def cpu_choice() -> str:
     """$GRUEXP_FUSED_CPU: 'c' (default: the C loop where it can be built), 'ops', or 'triton' (interpreted)."""
     choice = os.environ.get("GRUEXP_FUSED_CPU", "c")
@@ -54,6 +64,8 @@ def cpu_choice() -> str:
         )
     if choice == "triton" and not triton_interpreted():
         raise UserError("GRUEXP_FUSED_CPU=triton runs the Triton kernels interpreted: set TRITON_INTERPRET=1 too")
+    if choice == "triton" and not triton_available():
+        raise UserError("GRUEXP_FUSED_CPU=triton needs the triton package: pip install triton==3.7.1")
     return choice
 
 
@@ -62,6 +74,8 @@ def gpu_choice() -> str:
     choice = os.environ.get("GRUEXP_FUSED_GPU", "auto")
     if choice not in GPU_CHOICES:
         raise UserError(f"GRUEXP_FUSED_GPU must be one of {', '.join(GPU_CHOICES)}, got {choice!r}")
+    if choice == "triton" and not triton_available():
+        raise UserError("GRUEXP_FUSED_GPU=triton needs the triton package: pip install triton==3.7.1")
     return choice
 
 

@@ -373,7 +373,9 @@ class GRULayers(nn.Module):
         gpu = backends.gpu_choice()
         tuned = None
         if w.device.type == "cuda" and gpu == "auto" and w.dtype != torch.float64 and T and B:
-            tuned = self.autotune(tokens, h0, needs_grad)
+            # without the triton package (e.g. a CPU torch on a GPU machine) there is nothing to race
+            tuned = self.autotune(tokens, h0, needs_grad) if backends.triton_available() else None
+            tuned = tuned or ("cudnn" if self.reset_after else "ops")
         shape = (T, B, self.hidden_size, self.num_layers)
         return backends.choose_backend(
             w.device, w.dtype, self.reset_after, needs_grad, *shape, cpu=cpu, gpu=gpu, tuned=tuned
