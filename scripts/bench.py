@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from gruexp.models import MODEL_NAMES, backends, build_model, gru_cpu
 
 DEFAULT_SHAPES = "32x256,128x512,128x1024"
-# `fused` with one backend forced (docs/fused-backends.md); fused-auto is fused as GRUEXP_FUSED_GPU=auto runs it.
-FUSED_VARIANTS = ("fused-cudnn", "fused-triton", "fused-ops", "fused-auto")
-CUDA_VARIANTS = ("scratch", "torch", "fused-cudnn", "fused-triton", "fused-auto")  # --device cuda's default
+# `fused` with one backend forced (docs/fused-backends.md); fused-auto is fused as GRUEXP_FUSED_GPU=auto runs it;
+# fused-d2l is fused with d2l's reset-before formula (model.reset_after=false), backend chosen as for fused-auto.
+FUSED_VARIANTS = ("fused-cudnn", "fused-triton", "fused-ops", "fused-auto", "fused-d2l")
+CUDA_VARIANTS = ("scratch", "torch", "fused-cudnn", "fused-triton", "fused-auto", "fused-d2l")  # cuda's default
 # The issue's targets, (mode, device type, batch, hidden) -> {other variant: least fused/other ratio}; a batch or
 # hidden of None matches any. The CPU ones are for --threads 2.
 TARGETS: dict[tuple[str, str, int | None, int | None], dict[str, float]] = {
@@ -83,6 +84,8 @@ def make_model(name: str, V: int, H: int):
     """build_model(name), or for fused-<backend> the fused model with that backend forced (auto: left to choose)."""
     if not name.startswith("fused-"):
         return build_model(name, V, H)
+    if name == "fused-d2l":
+        return build_model("fused", V, H, reset_after=False)
     net = build_model("fused", V, H)
     backend = name.removeprefix("fused-")
     net.rnn.backend = None if backend == "auto" else backend
@@ -380,8 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
     variants = args.variants or []
-    if "fused-auto" in variants and os.environ.get("GRUEXP_FUSED_GPU", "auto") != "auto":
-        parser.error("--variants fused-auto runs fused as GRUEXP_FUSED_GPU=auto does: unset GRUEXP_FUSED_GPU")
+    if {"fused-auto", "fused-d2l"} & set(variants) and os.environ.get("GRUEXP_FUSED_GPU", "auto") != "auto":
+        parser.error("--variants fused-auto/fused-d2l run fused as GRUEXP_FUSED_GPU=auto does: unset GRUEXP_FUSED_GPU")
     if args.device == "cpu" and "fused-triton" in variants and not backends.triton_interpreted():
         parser.error("--variants fused-triton on --device cpu runs Triton's interpreter: set TRITON_INTERPRET=1")
     if args.json is not None and args.json.exists():
