@@ -274,6 +274,8 @@ class GRULayers(nn.Module):
         self.dropout, self.reset_after = dropout, reset_after
         self.use_c = True  # False: the torch-op loop even where the C loop could run (a switch for tests, not state)
         self.backend: str | None = None  # one of backends.BACKENDS forces it (tests, the autotuner); None chooses
+        # the environment's choices, read once here (a bad value is refused now, and a step does not pay for it)
+        self.cpu_choice, self.gpu_choice = backends.cpu_choice(), backends.gpu_choice()
         H = hidden_size
         self.layer_names = []
         for k in range(num_layers):
@@ -365,12 +367,11 @@ class GRULayers(nn.Module):
         )
 
     def choose(self, tokens: Tensor, h0: Tensor | None, needs_grad: bool) -> str:
-        """backends.choose_backend for this call, with the environment's choices and, for auto on CUDA, the
-        autotuner's first-use decision at this shape."""
+        """backends.choose_backend for this call, with the environment's choices (as the model was built) and, for
+        auto on CUDA, the autotuner's first-use decision at this shape."""
         w = self.weight_hh_l0
         T, B = tokens.shape
-        cpu = backends.cpu_choice() if self.use_c else "ops"
-        gpu = backends.gpu_choice()
+        cpu, gpu = (self.cpu_choice if self.use_c else "ops"), self.gpu_choice
         tuned = None
         if w.device.type == "cuda" and gpu == "auto" and w.dtype != torch.float64 and T and B:
             # without the triton package (e.g. a CPU torch on a GPU machine) there is nothing to race
