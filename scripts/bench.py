@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,9 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gruexp.models import MODEL_NAMES, build_model, gru_cpu
+from gruexp.models import MODEL_NAMES, backends, build_model, gru_cpu
 
 DEFAULT_SHAPES = "32x256,128x512,128x1024"
+# `fused` with one backend forced (docs/fused-backends.md); fused-auto is fused as GRUEXP_FUSED_GPU=auto runs it;
+# fused-d2l is fused with d2l's reset-before formula (model.reset_after=false), backend chosen as for fused-auto.
+FUSED_VARIANTS = ("fused-cudnn", "fused-triton", "fused-ops", "fused-auto", "fused-d2l")
+CUDA_VARIANTS = ("scratch", "torch", "fused-cudnn", "fused-triton", "fused-auto", "fused-d2l")  # cuda's default
 # The issue's targets, (mode, device type, batch, hidden) -> {other variant: least fused/other ratio}; a batch or
 # hidden of None matches any. The CPU ones are for --threads 2.
 TARGETS: dict[tuple[str, str, int | None, int | None], dict[str, float]] = {
@@ -66,12 +71,25 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def parse_variants(text: str) -> list[str]:
-    """'torch,fused' -> ['torch', 'fused'], each one of MODEL_NAMES."""
+    """'torch,fused' -> ['torch', 'fused'], each one of MODEL_NAMES or FUSED_VARIANTS."""
     names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in names if v not in MODEL_NAMES]
+    bad = [v for v in names if v not in MODEL_NAMES + FUSED_VARIANTS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: choose among {','.join(MODEL_NAMES)}")
+        choices = ",".join(MODEL_NAMES + FUSED_VARIANTS)
+        raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: choose among {choices}")
     return names
+
+
+def make_model(name: str, V: int, H: int):
+    """build_model(name), or for fused-<backend> the fused model with that backend forced (auto: left to choose)."""
+    if not name.startswith("fused-"):
+        return build_model(name, V, H)
+    if name == "fused-d2l":
+        return build_model("fused", V, H, reset_after=False)
+    net = build_model("fused", V, H)
+    backend = name.removeprefix("fused-")
+    net.rnn.backend = None if backend == "auto" else backend
+    return net
 
 
 def time_calls(fn: Callable[[], object], k: int, device: torch.device) -> list[float]:
@@ -97,7 +115,7 @@ class TrainStep:
 
     def __init__(self, name: str, V: int, B: int, T: int, H: int, device: torch.device, seed: int) -> None:
         torch.manual_seed(seed)
-        self.net = build_model(name, V, H).to(device).train()
+        self.net = make_model(name, V, H).to(device).train()
         self.opt = torch.optim.SGD(self.net.parameters(), lr=1.0)
         g = torch.Generator().manual_seed(seed)
         self.X = torch.randint(V, (B, T), generator=g).to(device)
@@ -119,7 +137,7 @@ class InferStep:
 
     def __init__(self, name: str, V: int, H: int, chunk: int, device: torch.device, seed: int) -> None:
         torch.manual_seed(seed)
-        self.net = build_model(name, V, H).to(device).eval()
+        self.net = make_model(name, V, H).to(device).eval()
         self.chunk, self.device = chunk, device
         self.x = torch.tensor([[1]], device=device)
         self.state: torch.Tensor | None = None
@@ -181,9 +199,15 @@ def ratio_row(rows: list[dict], mode: str, batch: int, hidden: int, device_type:
     rate = {
         r["variant"]: r["tokens_per_sec"] for r in rows if (r["mode"], r["batch"], r["hidden"]) == (mode, batch, hidden)
     }
+    if "fused" not in rate and "fused-auto" in rate:
+        rate["fused"] = rate["fused-auto"]  # fused as users get it on a GPU
+    extra = {}
+    for a, b in (("fused-triton", "fused-cudnn"), ("fused-d2l", "scratch")):  # the issue's GPU targets
+        if a in rate and b in rate:
+            extra[f"{a}/{b}"] = rate[a] / rate[b]
     if "fused" not in rate:
-        return None
-    out: dict = {"mode": mode, "batch": batch, "hidden": hidden}
+        return {"mode": mode, "batch": batch, "hidden": hidden, **extra} if extra else None
+    out: dict = {"mode": mode, "batch": batch, "hidden": hidden, **extra}
     targets = {}
     for key, value in TARGETS.items():
         if key[:2] == (mode, device_type) and key[2] in (None, batch) and key[3] in (None, hidden):
@@ -193,22 +217,25 @@ def ratio_row(rows: list[dict], mode: str, batch: int, hidden: int, device_type:
             out[f"fused/{other}"] = rate["fused"] / rate[other]
             if other in targets:
                 out[f"target fused/{other}"] = targets[other]
-    return out if len(out) > 3 else None
+    return out if len(out) > 3 + len(extra) else None
 
 
 def format_report(report: dict) -> str:
     """The table a person reads: one row per (mode, shape, variant), then the ratios against the targets."""
+    tf32 = ""
+    if "tf32" in report:
+        tf32 = f"; TF32 {'on' if report['tf32'] else 'off'} for every variant (cuBLAS, cuDNN, Triton's tl.dot)"
     lines = [
-        f"device: {report['device']}, torch {report['torch']}; fused's loop: {report['fused_loop']}",
+        f"device: {report['device']}, torch {report['torch']}; fused's loop: {report['fused_loop']}{tf32}",
         f"fp32 GEMM {report['gemm_size']}^2: {report['gemm_gflops']:.1f} GFLOP/s (median of {report['gemm_samples']});"
         f" T={report['num_steps']}, V={report['vocab_size']}",
         "",
-        f"{'mode':<6}{'variant':<9}{'B':>5}{'H':>6}{'steps':>7}{'ms/step':>10}{'tokens/s':>12}"
+        f"{'mode':<6}{'variant':<13}{'B':>5}{'H':>6}{'steps':>7}{'ms/step':>10}{'tokens/s':>12}"
         f"{'limit tok/s':>13}{'share':>7}{'1st step s':>11}",
     ]
     for r in report["results"]:
         lines.append(
-            f"{r['mode']:<6}{r['variant']:<9}{r['batch']:>5}{r['hidden']:>6}{r['steps']:>7}{r['ms_per_step']:>10.3f}"
+            f"{r['mode']:<6}{r['variant']:<13}{r['batch']:>5}{r['hidden']:>6}{r['steps']:>7}{r['ms_per_step']:>10.3f}"
             f"{r['tokens_per_sec']:>12,.0f}{r['limit_tokens_per_sec']:>13,.0f}{r['share_of_limit']:>7.1%}"
             f"{r['first_step_s']:>11.3f}"
         )
@@ -226,6 +253,11 @@ def format_report(report: dict) -> str:
                 cell += f" ({'ok' if q[f'fused/{other}'] >= target else 'below'} {target:g}x)"
             cells.append(cell)
         lines.append(f"{q['mode']:<6}B{q['batch']:<5} H{q['hidden']:<8}{cells[0]:>20}{cells[1]:>22}")
+        for pair in ("fused-triton/fused-cudnn", "fused-d2l/scratch"):
+            if pair in q:
+                lines.append(f"{'':<22}{pair} {q[pair]:.2f}x")
+    for key, backend in report.get("fused_auto_decisions", {}).items():
+        lines.append(f"fused-auto chose {backend} for {key}")
     return "\n".join(lines)
 
 
@@ -236,7 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES), help=f"BxH list ({DEFAULT_SHAPES})"
     )
-    p.add_argument("--variants", type=parse_variants, default=list(MODEL_NAMES), help="scratch,torch,fused")
+    p.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=None,
+        help=f"scratch,torch,fused and {','.join(FUSED_VARIANTS)} (default cpu: scratch,torch,fused;"
+        f" cuda: {','.join(CUDA_VARIANTS)})",
+    )
+    p.add_argument("--tf32", action="store_true", help="cuda: allow TF32 in cuBLAS, cuDNN and the Triton kernels alike")
     p.add_argument("--num-steps", type=int, default=35, help="T, time steps per sequence (d2l: 35)")
     p.add_argument("--vocab-size", type=int, default=28, help="V (d2l's character vocabulary: 28)")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per variant and shape (default 30)")
@@ -259,6 +298,10 @@ def run(args: argparse.Namespace) -> dict:
     """Time every variant at every shape (and at batch 1 for inference); return the report as --json writes it."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.variants is None:
+        args.variants = list(CUDA_VARIANTS if device.type == "cuda" else MODEL_NAMES)
+    # one TF32 setting for every variant: torch's matmuls, cuDNN, and the Triton kernels (which follow matmul's)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     V, T, n = args.vocab_size, args.num_steps, args.gemm_size or (4096 if device.type == "cuda" else 1024)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     gemm_out = torch.empty(n, n, device=device)
@@ -322,8 +365,10 @@ def run(args: argparse.Namespace) -> dict:
         "ratios": [q for q in ratios if q],
     }
     if device.type == "cuda":
+        report["tf32"] = args.tf32
         report["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
         report["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        report["fused_auto_decisions"] = {k: d["backend"] for k, d in backends.AUTOTUNER.decisions.items()}
     return report
 
 
@@ -338,6 +383,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--infer-tokens must be >= 0 (0 skips inference), got {args.infer_tokens}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
+    variants = args.variants or []
+    if {"fused-auto", "fused-d2l"} & set(variants) and os.environ.get("GRUEXP_FUSED_GPU", "auto") != "auto":
+        parser.error("--variants fused-auto/fused-d2l run fused as GRUEXP_FUSED_GPU=auto does: unset GRUEXP_FUSED_GPU")
+    if args.device == "cpu" and "fused-triton" in variants and not backends.triton_interpreted():
+        parser.error("--variants fused-triton on --device cpu runs Triton's interpreter: set TRITON_INTERPRET=1")
     if args.json is not None and args.json.exists():
         parser.error(f"--json {args.json} exists and would be overwritten: pass a new path")
     report = run(args)

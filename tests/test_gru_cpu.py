@@ -160,4 +160,5 @@ def test_gruexp_fused_cpu_ops_chooses_the_op_loop_silently(tmp_path):
 def test_an_unknown_gruexp_fused_cpu_is_refused_naming_the_choices(code):
     result = python(f"from gruexp.models import build_model, gru_cpu; {code}", {"GRUEXP_FUSED_CPU": "off"})
     assert result.returncode != 0
-    assert "GRUEXP_FUSED_CPU must be 'c' (the C loop) or 'ops' (the torch-op loop), got 'off'" in result.stderr
+    choices = "'c' (the C loop), 'ops' (the torch-op loop) or 'triton' (Triton's interpreter)"
+    assert f"GRUEXP_FUSED_CPU must be {choices}, got 'off'" in result.stderr

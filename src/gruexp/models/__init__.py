@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from gruexp import UserError
-from gruexp.models import gru_cpu
+from gruexp.models import backends
+from gruexp.models.backends import choose_backend
 from gruexp.models.fused import FusedGRU, GRULayers, GRURecurrence, gru_recurrence
 from gruexp.models.scratch import ScratchGRU
 from gruexp.models.torch_gru import TorchGRU
@@ -13,6 +14,7 @@ from gruexp.models.torch_gru import TorchGRU
 __all__ = [
     "MODEL_NAMES",
     "build_model",
+    "choose_backend",
     "ScratchGRU",
     "TorchGRU",
     "FusedGRU",
@@ -59,5 +61,7 @@ def build_model(
         if reset_after is False:
             raise UserError("model 'torch' (nn.GRU) is reset-after only: model.reset_after=false needs 'fused'")
         return TorchGRU(vocab_size, hidden_size, num_layers, dropout)
-    gru_cpu.loop_choice()  # a bad GRUEXP_FUSED_CPU is refused here, before a run starts, not at the first batch
+    # a bad GRUEXP_FUSED_CPU or GRUEXP_FUSED_GPU is refused here, before a run starts, not at the first batch
+    backends.cpu_choice()
+    backends.gpu_choice()
     return FusedGRU(vocab_size, hidden_size, num_layers, dropout, reset_after is not False)

@@ -6,10 +6,11 @@ output layer one GEMM after it. The loop itself runs one (B, H) x (H, 3H) produc
 reset-before form) and the gate arithmetic per step, forward and backward; the gradients of W_hh and b_hh are
 single GEMMs or sums over all steps after the backward loop.
 
-Two implementations of the loop compute the same function. On the CPU, in float32 or float64 and the reset-after
-form, the loop runs in C (gru_cpu.c: one call for all T steps, gates fused into one pass, the hidden units split
-across threads); everywhere else (CUDA, reset-before, no C compiler at hand) it is a loop of preallocated,
-in-place torch ops.
+Four backends compute the same function (backends.py chooses; docs/fused-backends.md): on the CPU, in float32 or
+float64 and the reset-after form, the loop runs in C (gru_cpu.c: one call for all T steps, gates fused into one pass,
+the hidden units split across threads); on CUDA, cuDNN's GRU (torch._VF.gru, nn.GRU's own function, on these
+parameters) or our persistent Triton kernels (gru_triton.py, both forms; on the CPU under Triton's interpreter);
+everywhere else (reset-before on the CPU, no C compiler at hand) a loop of preallocated, in-place torch ops.
 
 Gates are stacked r, z, n as in nn.GRU. reset_after=True is nn.GRU's (and cuDNN's) form,
     n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn)),
@@ -18,15 +19,15 @@ reset_after=False is d2l's, n = tanh(x W_in^T + b_in + (r * h) W_hn^T + b_hn), o
 
 from __future__ import annotations
 
-import ctypes
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import _VF, Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from gruexp.models import gru_cpu
+from gruexp.models import backends, gru_cpu
 
 
 def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool, save: bool) -> tuple[Tensor, tuple]:
@@ -63,6 +64,13 @@ def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bo
     return hs, (RZ, RH, N)
 
 
+def _check_ids(tokens: Tensor, vocab_size: int) -> None:
+    """The C loop and the Triton kernels read table rows by id unchecked: refuse what F.embedding refuses."""
+    lo, hi = torch.aminmax(tokens)  # one pass over the ids, not a min() and a max()
+    if not 0 <= int(lo) <= int(hi) < vocab_size:
+        raise IndexError(f"token ids must lie in [0, {vocab_size}): the vocabulary has {vocab_size} tokens")
+
+
 def _recurrence(
     gi: Tensor,
     h0: Tensor,
@@ -70,27 +78,34 @@ def _recurrence(
     b_hh: Tensor,
     tokens: Tensor | None,
     reset_after: bool,
-    use_c: bool,
+    backend: str | bool,
     save: bool,
-) -> tuple[ctypes.CDLL | None, Tensor, tuple]:
-    """Run the loop, in C where it can run (the CPU, reset-after, contiguous float32/64 inputs, T and B above 0).
+) -> tuple[str, Tensor, tuple]:
+    """Run the loop with `backend` ("c", "triton" or "ops"; True means "c", False "ops"), in C only where it can
+    run (the CPU, reset-after, contiguous float32/64 inputs), in a kernel only if T and B are above 0.
 
-    Returns the C library or None (the torch-op loop ran), hs [T, B, H] and, if save, what backward needs.
+    Returns the backend that ran ("c", "triton" or "ops"), hs [T, B, H] and, if save, what backward needs.
     """
+    backend = {True: "c", False: "ops"}.get(backend, backend)
     T, B = (tokens if tokens is not None else gi).shape[:2]
+    if backend == "triton" and T and B:
+        from gruexp.models import gru_triton  # imports triton: only where it runs
+
+        if tokens is not None:
+            _check_ids(tokens, gi.shape[0])
+        HS, saved = gru_triton.forward(gi, h0, w_hh, b_hh, tokens, reset_after)
+        return "triton", HS[1:].to(gi.dtype), ((HS, *saved) if save else ())
     lib = None
-    if use_c and reset_after and T and B and gru_cpu.supports(gi, h0, w_hh, b_hh):
+    if backend == "c" and reset_after and T and B and gru_cpu.supports(gi, h0, w_hh, b_hh):
         if tokens is None or (tokens.dtype == torch.int64 and tokens.is_contiguous()):
             lib = gru_cpu.load()
     if lib is not None:
-        if tokens is not None:  # the C loop reads table rows by id unchecked: refuse what F.embedding refuses
-            lo, hi = torch.aminmax(tokens)  # one pass over the ids, not a min() and a max()
-            if not 0 <= int(lo) <= int(hi) < gi.shape[0]:
-                raise IndexError(f"token ids must lie in [0, {gi.shape[0]}): the vocabulary has {gi.shape[0]} tokens")
+        if tokens is not None:
+            _check_ids(tokens, gi.shape[0])
         HS, saved = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save, tokens)
-        return lib, HS[1:], ((HS, *saved) if save else ())
+        return "c", HS[1:], ((HS, *saved) if save else ())
     hs, saved = _forward(gi if tokens is None else F.embedding(tokens, gi), h0, w_hh, b_hh, reset_after, save)
-    return None, hs, saved
+    return "ops", hs, saved
 
 
 class GRURecurrence(torch.autograd.Function):
@@ -99,7 +114,8 @@ class GRURecurrence(torch.autograd.Function):
     gi is [T, B, 3H]; or, with tokens [T, B], the table [V, 3H] whose rows the tokens pick (layer 0: a one-hot x
     picks a row of W_ih^T + b_ih), and its gradient is then the table's. h_T is hs[-1] as an output of its own, so
     that its gradient arrives as [B, H] and not as a [T, B, H] tensor of zeros but for the last step. The
-    backward is by hand. use_c=False keeps to the torch-op loop where the C loop could run (its reference).
+    backward is by hand. backend: "c" (or True) where the C loop can run, "triton", or "ops" (or False: the
+    torch-op loop, the others' reference).
     """
 
     @staticmethod
@@ -111,10 +127,11 @@ class GRURecurrence(torch.autograd.Function):
         b_hh: Tensor,
         tokens: Tensor | None,
         reset_after: bool,
-        use_c: bool = True,
+        backend: str | bool = True,
     ) -> tuple[Tensor, Tensor]:
-        lib, hs, saved = _recurrence(gi, h0, w_hh, b_hh, tokens, reset_after, use_c, save=True)
-        ctx.reset_after, ctx.lib, ctx.vocab_size = reset_after, lib, gi.shape[0]
+        ran, hs, saved = _recurrence(gi, h0, w_hh, b_hh, tokens, reset_after, backend, save=True)
+        ctx.reset_after, ctx.ran, ctx.vocab_size = reset_after, ran, gi.shape[0]
+        ctx.dtypes = (gi.dtype, h0.dtype, w_hh.dtype, b_hh.dtype)
         ctx.save_for_backward(tokens, h0, w_hh, hs, *saved)
         return hs, hs[-1].clone()
 
@@ -122,8 +139,16 @@ class GRURecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dhs: Tensor, dh_T: Tensor):
         tokens, *saved = ctx.saved_tensors
-        if ctx.lib is not None:
+        if ctx.ran == "c":
             dgi, dh0, dw_hh, db_hh = _backward_c(ctx, dhs, dh_T, tokens, *saved)
+        elif ctx.ran == "triton":
+            from gruexp.models import gru_triton
+
+            _, w_hh, _, HS, *rest = saved
+            grads = gru_triton.backward(dhs, dh_T, w_hh, HS, tuple(rest), ctx.reset_after)
+            dgi, dh0, dw_hh, db_hh = (g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True))
+            if tokens is not None:
+                dgi = dgi.new_zeros(ctx.vocab_size, dgi.shape[-1]).index_add_(0, tokens.flatten(), dgi.flatten(0, 1))
         else:
             dhs = dhs.clone()
             dhs[-1] += dh_T
@@ -149,7 +174,16 @@ def _backward_c(
     """The reset-after gradients with the C loop; only the weight gradients, one GEMM and one sum, are left here."""
     T, B, H = hs.shape
     dgi, dG_h, dh0 = gru_cpu.backward(
-        ctx.lib, dhs.contiguous(), dh_T.contiguous(), w_hh, HS, G, N, ctx.needs_input_grad[1], tokens, ctx.vocab_size
+        gru_cpu.load(),
+        dhs.contiguous(),
+        dh_T.contiguous(),
+        w_hh,
+        HS,
+        G,
+        N,
+        ctx.needs_input_grad[1],
+        tokens,
+        ctx.vocab_size,
     )
     dG_h = dG_h.view(T * B, 3 * H)
     return dgi, dh0, dG_h.t() @ HS[:-1].reshape(T * B, H), dG_h.sum(0)
@@ -211,13 +245,16 @@ def gru_recurrence(
     w_hh: Tensor,
     b_hh: Tensor,
     reset_after: bool = True,
-    use_c: bool = True,
+    backend: str | bool = True,
     tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(hs, h_T): GRURecurrence when a gradient is needed; otherwise the bare loop, which saves nothing."""
+    """(hs, h_T): GRURecurrence when a gradient is needed; otherwise the bare loop, which saves nothing.
+
+    backend: "c" (or True) where the C loop can run, "triton", or "ops" (or False), as GRURecurrence.
+    """
     if torch.is_grad_enabled() and any(x.requires_grad for x in (gi, h0, w_hh, b_hh)):
-        return GRURecurrence.apply(gi, h0, w_hh, b_hh, tokens, reset_after, use_c)
-    hs = _recurrence(gi, h0, w_hh, b_hh, tokens, reset_after, use_c, save=False)[1]
+        return GRURecurrence.apply(gi, h0, w_hh, b_hh, tokens, reset_after, backend)
+    hs = _recurrence(gi, h0, w_hh, b_hh, tokens, reset_after, backend, save=False)[1]
     return hs, hs[-1]
 
 
@@ -236,6 +273,9 @@ class GRULayers(nn.Module):
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.dropout, self.reset_after = dropout, reset_after
         self.use_c = True  # False: the torch-op loop even where the C loop could run (a switch for tests, not state)
+        self.backend: str | None = None  # one of backends.BACKENDS forces it (tests, the autotuner); None chooses
+        # the environment's choices, read once here (a bad value is refused now, and a step does not pay for it)
+        self.cpu_choice, self.gpu_choice = backends.cpu_choice(), backends.gpu_choice()
         H = hidden_size
         self.layer_names = []
         for k in range(num_layers):
@@ -252,10 +292,106 @@ class GRULayers(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
+    def _apply(self, fn, recurse=True):
+        """After .to(device) or .half(): on CUDA, put the weights in one flat buffer again, as nn.GRU does."""
+        ret = super()._apply(fn, recurse)
+        self._flatten_parameters()
+        return ret
+
+    def _flatten_parameters(self) -> None:
+        """Make the parameters views of one buffer in cuDNN's layout (nn.RNNBase.flatten_parameters, on our
+        parameters): otherwise cuDNN copies them together on every call, with a warning."""
+        params = [getattr(self, name) for names in self.layer_names for name in names]
+        w = params[0]
+        if not (w.is_cuda and torch.backends.cudnn.is_acceptable(w) and torch._use_cudnn_rnn_flatten_weight()):
+            return
+        if len({p.dtype for p in params}) > 1 or len({p.data_ptr() for p in params}) < len(params):
+            return
+        import torch.backends.cudnn.rnn as rnn
+
+        with torch.cuda.device_of(w), torch.no_grad():
+            vocab_size = self.weight_ih_l0.shape[1]
+            mode = rnn.get_cudnn_mode("GRU")
+            torch._cudnn_rnn_flatten_weight(
+                params, 4, vocab_size, mode, self.hidden_size, 0, self.num_layers, False, False
+            )
+
+    def _forward_cudnn(self, tokens: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+        """nn.GRU's function (cuDNN on CUDA) on one-hot tokens, in the parameters' dtype whatever autocast says."""
+        w = self.weight_ih_l0
+        x = F.one_hot(tokens, w.shape[1]).to(w.dtype)
+        params = [getattr(self, name) for names in self.layer_names for name in names]
+        with torch.autocast(w.device.type, enabled=False):  # no silent fp16/bf16 recurrence: we chose fp32
+            hs, h_n = _VF.gru(
+                x, h0.to(w.dtype), params, True, self.num_layers, self.dropout, self.training, False, False
+            )
+        return hs, h_n
+
+    def _trial(self, backend: str, tokens: Tensor, h0: Tensor, needs_grad: bool) -> list[Tensor]:
+        """One forward (and, if needs_grad, backward) with `backend`: the outputs and every gradient, for the
+        autotuner to compare and time. Without dropout (cuDNN draws its masks its own way); leaves no .grad."""
+        forced, dropout = self.backend, self.dropout
+        self.backend, self.dropout = backend, 0.0
+        try:
+            hs, h_n = self.forward(tokens, h0)
+            if not needs_grad:
+                return [hs, h_n]
+            g = torch.Generator(hs.device).manual_seed(0)
+            dhs = torch.randn(hs.shape, generator=g, device=hs.device, dtype=hs.dtype)
+            dh_n = torch.randn(h_n.shape, generator=g, device=hs.device, dtype=hs.dtype)
+            inputs = [p for p in self.parameters() if p.requires_grad]
+            return [hs, h_n, *torch.autograd.grad((hs, h_n), inputs, (dhs, dh_n))]
+        finally:
+            self.backend, self.dropout = forced, dropout
+
+    def autotune(
+        self, tokens: Tensor, h0: Tensor | None, needs_grad: bool, tuner: backends.Autotuner | None = None
+    ) -> str:
+        """The first-use decision at this shape: for reset-after the faster of cuDNN and Triton, for reset-before
+        Triton; the reference (cuDNN, or the op loop for reset-before) wherever Triton fails or disagrees with it.
+        Every backend here also runs on the CPU (cuDNN's function as _VF.gru, Triton interpreted), for the tests."""
+        tuner = tuner or backends.AUTOTUNER
+        w = self.weight_hh_l0
+        T, B = tokens.shape
+        key = tuner.key(w.device, self.reset_after, w.dtype, needs_grad, T, B, self.hidden_size, self.num_layers)
+        h0 = h0.detach() if h0 is not None else None
+        reference = "cudnn" if self.reset_after else "ops"
+        # cuDNN's TF32 switch is on by default: compare to TF32 rounding whenever either side may use it
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or (self.reset_after and torch.backends.cudnn.allow_tf32)
+        return tuner.decide(
+            key,
+            (reference, partial(self._trial, reference, tokens, h0, needs_grad)),
+            ("triton", partial(self._trial, "triton", tokens, h0, needs_grad)),
+            timed=self.reset_after,  # reset-before: no cuDNN form to race, only the op loop to check against
+            tolerance=3e-2 if tf32 and w.device.type == "cuda" else 1e-3,
+        )
+
+    def choose(self, tokens: Tensor, h0: Tensor | None, needs_grad: bool) -> str:
+        """backends.choose_backend for this call, with the environment's choices (as the model was built) and, for
+        auto on CUDA, the autotuner's first-use decision at this shape."""
+        w = self.weight_hh_l0
+        T, B = tokens.shape
+        cpu, gpu = (self.cpu_choice if self.use_c else "ops"), self.gpu_choice
+        tuned = None
+        if w.device.type == "cuda" and gpu == "auto" and w.dtype != torch.float64 and T and B:
+            # without the triton package (e.g. a CPU torch on a GPU machine) there is nothing to race
+            tuned = self.autotune(tokens, h0, needs_grad) if backends.triton_available() else None
+            tuned = tuned or ("cudnn" if self.reset_after else "ops")
+        shape = (T, B, self.hidden_size, self.num_layers)
+        return backends.choose_backend(
+            w.device, w.dtype, self.reset_after, needs_grad, *shape, cpu=cpu, gpu=gpu, tuned=tuned
+        )
+
     def forward(self, tokens: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens [T, B] -> the last layer's hs [T, B, H] and every layer's final state [num_layers, B, H]."""
+        needs_grad = torch.is_grad_enabled() and (
+            any(p.requires_grad for p in self.parameters()) or (h0 is not None and h0.requires_grad)
+        )
+        backend = self.backend or self.choose(tokens, h0, needs_grad)
         if h0 is None:
             h0 = self.weight_hh_l0.new_zeros(self.num_layers, tokens.shape[1], self.hidden_size)
+        if backend == "cudnn":
+            return self._forward_cudnn(tokens, h0)
         x, h_n = tokens, []
         for k, names in enumerate(self.layer_names):
             w_ih, w_hh, b_ih, b_hh = (getattr(self, name) for name in names)
@@ -267,7 +403,7 @@ class GRULayers(nn.Module):
                 gi = F.embedding(x, w_ih.t()) + b_ih
             else:
                 gi = F.linear(F.dropout(x, self.dropout, self.training), w_ih, b_ih)
-            x, h_T = gru_recurrence(gi, h0[k], w_hh, b_hh, self.reset_after, self.use_c, ids)
+            x, h_T = gru_recurrence(gi, h0[k], w_hh, b_hh, self.reset_after, backend, ids)
             h_n.append(h_T)
         return x, torch.stack(h_n)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gruexp import UserError, cache_dir
+from gruexp import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ def _compile(cc: str, target: Path) -> None:
 
 
 def loop_choice() -> str:
-    """$GRUEXP_FUSED_CPU: 'c' (the default, the C loop where it can be built) or 'ops' (the torch-op loop)."""
-    choice = os.environ.get("GRUEXP_FUSED_CPU", "c")
-    if choice not in ("c", "ops"):
-        raise UserError(f"GRUEXP_FUSED_CPU must be 'c' (the C loop) or 'ops' (the torch-op loop), got {choice!r}")
-    return choice
+    """$GRUEXP_FUSED_CPU: 'c' (the default, the C loop where it can be built), 'ops' (the torch-op loop) or
+    'triton' (the Triton kernels, interpreted); see backends.cpu_choice."""
+    from gruexp.models.backends import cpu_choice
+
+    return cpu_choice()
 
 
 @cache
