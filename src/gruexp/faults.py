@@ -121,7 +121,9 @@ class StepChecks:
         self.stop = self.stop or int(signum)
         if neg_step != -math.inf:
             step = int(-neg_step)
-            loss = float(mine[step]) if step in mine else math.nan  # the rank that saw it names its loss
+            loss = float(mine[step]) if step in mine else math.nan
+            if math.isfinite(loss) and loss < 88:
+                loss = math.nan  # another rank's loss was the bad one: this rank cannot name it
             raise Diverged(step, trainer.current_epoch, loss)
 
     def at_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -219,14 +219,7 @@ class CharLM(L.LightningModule):
         self._t1 = time.perf_counter()
         nll = self.train_nll.compute()  # sums over ranks
         self.train_nll.reset()
-        # all ranks' tokens, and the slowest rank's time: one all_gather of a tensor on the module's device
-        here = torch.tensor([float(self._epoch_tokens), self._t1 - self._t0], dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:
-            everyone = self.all_gather(here).reshape(-1, 2)
-            tokens, seconds = int(everyone[:, 0].sum()), float(everyone[:, 1].max())
-        else:
-            tokens, seconds = self._epoch_tokens, self._t1 - self._t0
-        rate = self.throughput.add(tokens, seconds)
+        rate = self.throughput.add(*self._gather_epoch(self._epoch_tokens, self._t1 - self._t0))
         # the values are the same on every rank already: max over ranks keeps them exact and silences the hint
         same = {"on_step": False, "on_epoch": True, "sync_dist": True, "reduce_fx": "max"}
         self.log_dict({"train/ppl": nll.exp(), "train/tokens_per_sec": float(rate)}, prog_bar=True, **same)
@@ -244,6 +237,14 @@ class CharLM(L.LightningModule):
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             self.log("train/grad_norm", norm)
+
+    def _gather_epoch(self, tokens: int, seconds: float) -> tuple[int, float]:
+        """All ranks' training tokens and the slowest rank's time: one all_gather on the module's device."""
+        if self.trainer.world_size == 1:
+            return tokens, seconds
+        here = torch.tensor([float(tokens), seconds], dtype=torch.float64, device=self.device)
+        everyone = self.all_gather(here).reshape(-1, 2).cpu()
+        return int(everyone[:, 0].sum()), float(everyone[:, 1].max())
 
     def on_train_epoch_end(self) -> None:
         # an epoch that did not end at its last batch (max_steps): its figures, later than callbacks see them
