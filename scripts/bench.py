@@ -444,7 +444,10 @@ def run(args: argparse.Namespace) -> dict:
     ratios = [ratio_row(results, mode, B, H, device.type) for mode, B, H in jobs]
     framework = []
     if args.framework:
-        logging.getLogger("lightning").setLevel(logging.WARNING)  # its banner lines, once per Trainer
+        import lightning  # noqa: F401  (it sets its loggers' levels on import: set them after)
+
+        for name in ("lightning.pytorch", "lightning.fabric"):  # its banner lines, once per Trainer
+            logging.getLogger(name).setLevel(logging.WARNING)
         for B, H in args.shapes:
             for v in args.variants:
                 print(f"timing framework {v} B={B} H={H} ...", file=sys.stderr, flush=True)
