@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -204,6 +205,7 @@ def framework_vs_bare(
     model = CharLM(
         name, H, [f"c{i}" for i in range(V)], optimizer=functools.partial(torch.optim.SGD, lr=1.0), sample_chars=0
     )
+    previous = signal.getsignal(signal.SIGTERM)  # Lightning leaves its SIGTERM handler behind after fit
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
             accelerator=device.type,
@@ -220,7 +222,10 @@ def framework_vs_bare(
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        try:
+            trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return lightning_s[:samples], bare_s[:samples]
 
 
