@@ -86,27 +86,27 @@ def meta_module() -> CharLM:
 
 def run_batches(trainer, module, callbacks, losses, last: int | None = None) -> None:
     """Drive the callbacks' training-batch hooks as Lightning's loop calls them, one loss per batch."""
-    for i, loss in enumerate(losses):
-        trainer.fit_loop.epoch_loop.batch_progress.increment_ready()
-        trainer.fit_loop.epoch_loop.batch_progress.is_last_batch = last is not None and i == last
+    for cb in callbacks:
+        cb.on_train_start(trainer, module)
+    try:
+        for i, loss in enumerate(losses):
+            trainer.fit_loop.epoch_loop.batch_progress.increment_ready()
+            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch = last is not None and i == last
+            for cb in callbacks:
+                cb.on_train_batch_start(trainer, module, None, i)
+            trainer.global_step += 1  # the optimizer stepped
+            for cb in callbacks:
+                cb.on_train_batch_end(trainer, module, {"loss": loss}, None, i)
+    finally:
         for cb in callbacks:
-            if isinstance(cb, DivergenceDetector):
-                cb.on_before_backward(trainer, module, loss)
-        trainer.global_step += 1
-        for cb in callbacks:
-            cb.on_train_batch_end(trainer, module, None, None, i)
+            cb.teardown(trainer, module, "fit")  # InterruptCheckpoint gives the signal handlers back
 
 
 def test_ddp_checks_are_one_collective_per_step_on_the_module_device():
     module, strategy = meta_module(), RecordingStrategy(META)
     trainer = ddp_trainer(strategy)
     callbacks = [DivergenceDetector(), InterruptCheckpoint()]
-    for cb in callbacks:
-        cb.on_train_start(trainer, module)
-    try:
-        run_batches(trainer, module, callbacks, [torch.ones((), device=META)] * 12)
-    finally:
-        callbacks[1].teardown(trainer, module, "fit")
+    run_batches(trainer, module, callbacks, [torch.ones((), device=META)] * 12)
     # one merged [signal, first bad step] per step, both callbacks together, reduced with max
     assert strategy.calls == [("reduce", (2,), {"reduce_op": "max"})] * 12
     assert StepChecks.of(trainer).collectives == 12

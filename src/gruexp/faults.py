@@ -56,10 +56,10 @@ class Diverged(RuntimeError):
 class StepChecks:
     """What DivergenceDetector and InterruptCheckpoint decide, in one small tensor on the module's device.
 
-    Both callbacks share one StepChecks per trainer (`StepChecks.of(trainer)`). Each step's loss is kept as the
-    device tensor it is (no op, no sync); a *check* turns the losses since the last check and this rank's signal
-    into `[signal, -(first non-finite step)]`, reduces it with max over ranks (one collective) and reads it on the
-    host (one sync). When a check runs:
+    Both callbacks share one StepChecks per trainer (`StepChecks.of(trainer)`). Each step's loss (training_step's,
+    unscaled) is kept as the device tensor it is (no op, no sync); a *check* turns the losses since the last check
+    and this rank's signal into `[signal, -(first non-finite step)]`, reduces it with max over ranks (one
+    collective) and reads it on the host (one sync). When a check runs:
 
     - one process: only where something can have changed what the run must do: every `log_every_n_steps` batches,
       at an epoch's last batch, after a signal (a host flag, read for free each step), before validation, before
@@ -80,6 +80,8 @@ class StepChecks:
         self.losses: list[tuple[int, torch.Tensor]] = []  # (global step, loss) since the last check
         self.signum = 0  # the signal this rank received, 0 if none
         self.stop = 0  # the signal all ranks agreed to stop on
+        self.detect = False  # a DivergenceDetector is on: keep each step's loss
+        self._step = 0  # the optimizer step the current batch belongs to (global_step at its start)
         self.collectives = 0  # counts, for tests and docs: what the checks cost
         self.host_reads = 0
         self._batch = -1  # the batch whose end was handled (both callbacks call at_batch_end)
@@ -126,13 +128,20 @@ class StepChecks:
                 loss = math.nan  # another rank's loss was the bad one: this rank cannot name it
             raise Diverged(step, trainer.current_epoch, loss)
 
-    def at_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After each training batch: check when due, then stop (after this batch) on an agreed signal."""
+    def at_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any) -> None:
+        """After each training batch: keep its loss, check when due, stop (after this batch) on an agreed signal.
+
+        The loss is training_step's, from `outputs`: the one on_before_backward sees is multiplied by the loss
+        scale under 16-mixed, whose exp() overflows while the loss is fine.
+        """
         progress = trainer.fit_loop.epoch_loop.batch_progress
         batch = progress.total.ready
         if batch == self._batch:
             return  # the other callback of the pair handled this batch
         self._batch = batch
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self.detect and isinstance(loss, torch.Tensor):
+            self.losses.append((self._step, loss.detach()))
         last = progress.is_last_batch
         due = (
             trainer.world_size > 1
@@ -158,11 +167,14 @@ class DivergenceDetector(Callback):
     so a non-finite update never reaches a checkpoint and the GPU is not stalled on every step.
     """
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        StepChecks.of(trainer).losses.append((trainer.global_step, loss.detach()))
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        StepChecks.of(trainer).detect = True
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        StepChecks.of(trainer).at_batch_end(trainer, pl_module)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        StepChecks.of(trainer)._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        StepChecks.of(trainer).at_batch_end(trainer, pl_module, outputs)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
@@ -222,8 +234,8 @@ class InterruptCheckpoint(Callback):
                 signal.signal(s, handler)
         self._previous = {}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        StepChecks.of(trainer).at_batch_end(trainer, pl_module)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        StepChecks.of(trainer).at_batch_end(trainer, pl_module, outputs)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
