@@ -2,6 +2,7 @@
 """Throughput of the scratch, torch and fused GRU language models, interleaved in one process.
 
     python scripts/bench.py [--device cpu|cuda] [--threads 2] [--shapes 32x256,128x512,128x1024] [--json PATH]
+                            [--repeat N] [--framework]
 
 A training step is what CharLM does each batch: forward (state carried, detached), cross-entropy, backward,
 clip the global gradient norm to 1, SGD step (d2l's train_ch8). An inference step is one token of generation
@@ -9,18 +10,28 @@ at batch 1, as CharLM.predict runs it. Variants take turns, `--round` steps each
 noisy machine slows all of them alike and the ratios hold; each variant's rate is its median step time.
 The fp32 GEMM rate is sampled in the same turns and gives each shape's compute-bound limit in tokens/sec.
 Tokens are random ids: the rate of a GRU does not depend on the text.
+
+--repeat N runs all of it N times and reports each ratio's median and spread (min-max) over the runs.
+--framework also runs the real CharLM training step through Lightning's loop (Trainer.fit with gruexp's divergence
+and interrupt checks, gradient clipping, a CSV logger writing every 10 steps) and, between its steps, the bare step
+above, so both are timed under the same load: tokens/sec of each and framework/bare, per variant and shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import logging
 import os
 import platform
+import signal
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +45,7 @@ DEFAULT_SHAPES = "32x256,128x512,128x1024"
 # fused-d2l is fused with d2l's reset-before formula (model.reset_after=false), backend chosen as for fused-auto.
 FUSED_VARIANTS = ("fused-cudnn", "fused-triton", "fused-ops", "fused-auto", "fused-d2l")
 CUDA_VARIANTS = ("scratch", "torch", "fused-cudnn", "fused-triton", "fused-auto", "fused-d2l")  # cuda's default
+FRAMEWORK_TARGET = 0.95  # issue 14: fused through Lightning's loop vs its bare step, CPU, 2 threads, B32 H256
 # The issue's targets, (mode, device type, batch, hidden) -> {other variant: least fused/other ratio}; a batch or
 # hidden of None matches any. The CPU ones are for --threads 2.
 TARGETS: dict[tuple[str, str, int | None, int | None], dict[str, float]] = {
@@ -150,6 +162,91 @@ class InferStep:
             self.x = torch.tensor([[y]], device=self.device)
 
 
+def framework_vs_bare(
+    name: str,
+    V: int,
+    B: int,
+    T: int,
+    H: int,
+    device: torch.device,
+    samples: int,
+    warmup: int,
+    per_round: int,
+    seed: int,
+) -> tuple[list[float], list[float]]:
+    """Seconds per step of CharLM under Trainer.fit and of the bare TrainStep, interleaved in one process.
+
+    A callback times each Lightning step from one on_train_batch_end to the next (data fetch, hooks, step, clip,
+    optimizer, logging: all of it) and runs `per_round` bare steps after every `per_round` Lightning steps.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gruexp.faults import DivergenceDetector, InterruptCheckpoint
+    from gruexp.module import CharLM
+
+    bare = TrainStep(name, V, B, T, H, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    n = warmup + samples + per_round + 2
+    batches = [(torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)) for _ in range(n)]
+    lightning_s: list[float] = []
+    bare_s: list[float] = []
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    class Interleave(Callback):
+        def __init__(self) -> None:
+            self.t: float | None = None
+            self.done = 0
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            sync()
+            now = time.perf_counter()
+            if self.t is not None and self.done >= warmup:
+                lightning_s.append(now - self.t)
+            self.done += 1
+            if self.done > warmup and (self.done - warmup) % per_round == 0:
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    bare()
+                    sync()
+                    bare_s.append(time.perf_counter() - t0)
+            if self.done == warmup:
+                for _ in range(warmup):
+                    bare()
+            self.t = time.perf_counter()
+
+    torch.manual_seed(seed)
+    model = CharLM(
+        name, H, [f"c{i}" for i in range(V)], optimizer=functools.partial(torch.optim.SGD, lr=1.0), sample_chars=0
+    )
+    previous = signal.getsignal(signal.SIGTERM)  # Lightning leaves its SIGTERM handler behind after fit
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            max_epochs=1,
+            max_steps=warmup + samples + 1,
+            gradient_clip_val=1.0,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=10,
+            logger=CSVLogger(tmp, name="bench"),
+            callbacks=[DivergenceDetector(), InterruptCheckpoint(), Interleave()],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        try:
+            trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return lightning_s[:samples], bare_s[:samples]
+
+
 def interleave(
     steps: dict[str, Callable[[], None]],
     samples: int,
@@ -258,6 +355,42 @@ def format_report(report: dict) -> str:
                 lines.append(f"{'':<22}{pair} {q[pair]:.2f}x")
     for key, backend in report.get("fused_auto_decisions", {}).items():
         lines.append(f"fused-auto chose {backend} for {key}")
+    if report.get("framework"):
+        lines += [
+            "",
+            f"{'through Lightning':<18}{'B':>5}{'H':>6}{'framework tok/s':>17}{'bare tok/s':>12}{'ratio':>14}",
+        ]
+    for r in report.get("framework", []):
+        cell = f"{r['framework/bare']:.3f}"
+        if "target framework/bare" in r:
+            target = r["target framework/bare"]
+            cell += f" ({'ok' if r['framework/bare'] >= target else 'below'} {target:g})"
+        lines.append(
+            f"{r['variant']:<18}{r['batch']:>5}{r['hidden']:>6}{r['framework_tokens_per_sec']:>17,.0f}"
+            f"{r['bare_tokens_per_sec']:>12,.0f}  {cell:<20}"
+        )
+    return "\n".join(lines)
+
+
+def repeat_summary(reports: list[dict]) -> dict[str, dict]:
+    """Each ratio over the runs: its median, min and max ('train B32 H256 fused/scratch' -> {...})."""
+    series: dict[str, list[float]] = {}
+    for report in reports:
+        for q in report["ratios"]:
+            for key in ("fused/torch", "fused/scratch"):
+                if key in q:
+                    series.setdefault(f"{q['mode']} B{q['batch']} H{q['hidden']} {key}", []).append(q[key])
+        for r in report.get("framework", []):
+            series.setdefault(f"framework {r['variant']} B{r['batch']} H{r['hidden']} /bare", []).append(
+                r["framework/bare"]
+            )
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in series.items()}
+
+
+def format_summary(summary: dict[str, dict], n: int) -> str:
+    lines = [f"over {n} runs: median (min-max)"]
+    for key, s in summary.items():
+        lines.append(f"  {key:<38}{s['median']:>7.3f}  ({s['min']:.3f}-{s['max']:.3f})")
     return "\n".join(lines)
 
 
@@ -290,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer-chunk", type=int, default=20, help="tokens per timed inference sample (default 20)")
     p.add_argument("--gemm-size", type=int, default=None, help="n of the n x n fp32 GEMM (default cpu 1024, cuda 4096)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run everything N times; report each ratio's median and spread"
+    )
+    p.add_argument(
+        "--framework",
+        action="store_true",
+        help="also time the real CharLM step through Lightning's loop against the bare step, interleaved",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file (never overwritten)")
     return p
 
@@ -349,6 +490,25 @@ def run(args: argparse.Namespace) -> dict:
         r["limit_tokens_per_sec"] = gflops * 1e9 / r["flops_per_token"]
         r["share_of_limit"] = r["tokens_per_sec"] / r["limit_tokens_per_sec"]
     ratios = [ratio_row(results, mode, B, H, device.type) for mode, B, H in jobs]
+    framework = []
+    if args.framework:
+        import lightning  # noqa: F401  (it sets its loggers' levels on import: set them after)
+
+        for name in ("lightning.pytorch", "lightning.fabric"):  # its banner lines, once per Trainer
+            logging.getLogger(name).setLevel(logging.WARNING)
+        for B, H in args.shapes:
+            for v in args.variants:
+                print(f"timing framework {v} B={B} H={H} ...", file=sys.stderr, flush=True)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals
+                    fw, bare = framework_vs_bare(v, V, B, T, H, device, args.steps, args.warmup, args.round, args.seed)
+                fw_rate, bare_rate = B * T / statistics.median(fw), B * T / statistics.median(bare)
+                row = {"variant": v, "batch": B, "hidden": H, "steps": len(fw)}
+                row |= {"framework_tokens_per_sec": fw_rate, "bare_tokens_per_sec": bare_rate}
+                row["framework/bare"] = fw_rate / bare_rate
+                if (device.type, B, H, v) == ("cpu", 32, 256, "fused"):
+                    row["target framework/bare"] = FRAMEWORK_TARGET
+                framework.append(row)
     report = {
         "device": device_description(device, args.threads),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -364,6 +524,8 @@ def run(args: argparse.Namespace) -> dict:
         "results": results,
         "ratios": [q for q in ratios if q],
     }
+    if args.framework:
+        report["framework"] = framework
     if device.type == "cuda":
         report["tf32"] = args.tf32
         report["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
@@ -375,7 +537,9 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for option in ("threads", "num_steps", "vocab_size", "steps", "warmup", "round", "infer_chunk", "gemm_size"):
+    for option in (
+        "threads", "num_steps", "vocab_size", "steps", "warmup", "round", "infer_chunk", "gemm_size", "repeat"
+    ):  # fmt: skip
         value = getattr(args, option)
         if value is not None and value < (0 if option == "warmup" else 1):
             parser.error(f"--{option.replace('_', '-')} must be positive, got {value}")
@@ -390,8 +554,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--variants fused-triton on --device cpu runs Triton's interpreter: set TRITON_INTERPRET=1")
     if args.json is not None and args.json.exists():
         parser.error(f"--json {args.json} exists and would be overwritten: pass a new path")
-    report = run(args)
-    print(format_report(report))
+    reports = []
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            print(f"run {i + 1}/{args.repeat}", file=sys.stderr, flush=True)
+        reports.append(run(args))
+        print(format_report(reports[-1]) + "\n")
+    report = reports[0]
+    if args.repeat > 1:
+        summary = repeat_summary(reports)
+        print(format_summary(summary, args.repeat))
+        report = {"repeat": args.repeat, "summary": summary, "runs": reports}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -146,7 +146,7 @@ class WandbExtras(Callback):
         best = getattr(ckpt, "best_model_score", None)
         summary = {
             "best/val_ppl": float(best) if best is not None else _metric(trainer, "val/ppl"),
-            "train/tokens_per_sec": _metric(trainer, "train/tokens_per_sec"),
+            "train/tokens_per_sec": pl_module.tokens_per_sec,  # the whole run's (CharLM.throughput)
             "epochs": trainer.current_epoch,
             "sample": pl_module.sample,
         }

@@ -1,21 +1,98 @@
-"""CharLM: the LightningModule shared by all three variants (loss, carried state, perplexity, throughput, predict)."""
+"""CharLM: the LightningModule shared by all three variants (loss, carried state, perplexity, throughput, predict).
+
+No host sync in the training step: perplexity and bits per character come from the loss the step computes anyway
+(a device sum of NLL and a token count, TokenNLL, synced once at an epoch's end), tokens are counted on the host
+from batch shapes, and the divergence check (gruexp.faults.StepChecks) reads the device only every few steps.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import SumMetric
-from torchmetrics.text import Perplexity
+from lightning.fabric.utilities.throughput import get_available_flops
+from torch.utils.data import DataLoader
+from torchmetrics import Metric
 
 from gruexp.data import Vocab
 from gruexp.models import build_model
 
 log = logging.getLogger(__name__)
+
+LN2 = math.log(2)
+
+
+class TokenNLL(Metric):
+    """Sum of per-token NLL (nats, fp32) and token count (int64) on the device; update() does no host sync.
+
+    perplexity = exp(mean NLL), bits per character = mean NLL / ln 2. torchmetrics' Perplexity takes logits and
+    indexes them with a boolean mask (a sync per step) and sums in the logits' dtype (bf16 under bf16-true); this
+    takes the step's mean loss and its token count. The state names are Perplexity's, so mid-epoch checkpoints
+    written with it still resume.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total_log_probs", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, count: int) -> None:
+        """Add a mean loss over `count` tokens (a device op each: no sync, no check of the values)."""
+        self.total_log_probs.add_(loss.detach(), alpha=count)  # in place: the sum stays fp32 whatever loss is
+        self.count.add_(count)
+
+    def compute(self) -> torch.Tensor:
+        """The mean NLL per token in nats (fp32), over all ranks' tokens."""
+        return self.total_log_probs / self.count
+
+    def _apply(self, fn, *args, **kwargs):
+        # Module.to(dtype) (Lightning's bf16-true) would make the sums bf16: they stay fp32 and int64
+        this = super()._apply(fn, *args, **kwargs)
+        for key, dtype in (("total_log_probs", torch.float32), ("count", torch.int64)):
+            setattr(this, key, getattr(this, key).to(dtype))
+            this._defaults[key] = this._defaults[key].to(dtype)
+        return this
+
+
+class Throughput:
+    """Training tokens over training wall time, per epoch and over the whole run (all ranks' tokens)."""
+
+    def __init__(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+        self.epochs: list[tuple[int, float]] = []  # (tokens, seconds) per epoch, for plots
+
+    def add(self, tokens: int, seconds: float) -> float:
+        """Add one epoch; return its tokens/sec."""
+        seconds = max(seconds, 1e-9)
+        self.epochs.append((tokens, seconds))
+        self.tokens += tokens
+        self.seconds += seconds
+        return tokens / seconds
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """All epochs' tokens over their summed training time (not the last epoch's, not a mean of rates)."""
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+def pin_memory(loaders: object, device: torch.device) -> None:
+    """Page-locked batches on CUDA, so that Lightning's non_blocking host-to-device copy overlaps compute.
+
+    The loaders are the data module's; a DataLoader reads `pin_memory` when an epoch's iterator is made, after
+    Lightning's on_*_start hooks, so setting it there is enough and the data module stays device-agnostic.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        if isinstance(loader, DataLoader):
+            loader.pin_memory = True
 
 
 class CharLM(L.LightningModule):
@@ -57,8 +134,11 @@ class CharLM(L.LightningModule):
         self.state: torch.Tensor | None = None
         self._resume: dict | None = None  # a mid-epoch checkpoint's carried state, applied at its next batch
         self._train_state: torch.Tensor | None = None
-        self.train_ppl, self.val_ppl = Perplexity(), Perplexity()
-        self.train_tokens = SumMetric()  # summed over ranks: tokens/sec counts every device's tokens
+        self.train_nll, self.val_nll, self.test_nll = TokenNLL(), TokenNLL(), TokenNLL()
+        self._epoch_tokens = 0  # this rank's training tokens this epoch, from batch shapes (no device op)
+        self._epoch_logged = False
+        self.throughput = Throughput()
+        self._peak_flops: int | None = None
         self.sample = ""
 
     def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None):
@@ -66,40 +146,86 @@ class CharLM(L.LightningModule):
 
     @property
     def flops_per_token(self) -> int:
-        """Training FLOPs per token of a 1-layer GRU LM: forward 2*3H*(H+V) + 2*H*V, backward twice that."""
-        H, V = self.hparams.hidden_size, len(self.vocab)
-        return 3 * (2 * 3 * H * (H + V) + 2 * H * V)
+        """Model FLOPs per training token: forward, then backward at twice the forward.
+
+        Forward: each layer's three gates 2*3H*(in + H), with in = V (the one-hot input) for layer 0 and H above
+        it, and the output layer 2*H*V. The same for all three variants (they compute the same function; fused
+        reads layer 0's product as a table row, which MFU still counts, as it counts the model's math).
+        """
+        H, V, layers = self.hparams.hidden_size, len(self.vocab), self.hparams.num_layers
+        gates = 2 * 3 * H * (V + H) + (layers - 1) * 2 * 3 * H * (H + H)
+        return 3 * (gates + 2 * H * V)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Whole-run training throughput: all ranks' tokens over the summed training time of all epochs."""
+        return self.throughput.tokens_per_sec
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], carry: bool):
         X, Y = batch
         state = self.state if carry and self.state is not None and self.state.shape[1] == X.shape[0] else None
         logits, state = self(X, state)
         self.state = state.detach() if carry else None
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        # in fp32 whatever the precision (a no-op in fp32): bf16 logits would round the loss and the metrics
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1))
         return loss, logits
 
+    def on_fit_start(self) -> None:
+        # the device's peak FLOP/s in the compute dtype, for train/mfu; Lightning knows NVIDIA GPUs, None elsewhere
+        try:
+            from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype
+
+            self._peak_flops = get_available_flops(self.device, _plugin_to_compute_dtype(self.trainer.precision_plugin))
+        except Exception:  # a precision plugin Lightning cannot map: no MFU, nothing else changes
+            self._peak_flops = None
+
     def on_train_start(self) -> None:
+        pin_memory(self.trainer.train_dataloader, self.device)
+        pin_memory(self.trainer.val_dataloaders, self.device)
         # a mid-epoch resume skips on_train_epoch_start: time that partial epoch from here
         self._t0 = self._t1 = time.perf_counter()
+        self._epoch_tokens, self._epoch_logged = 0, False
 
     def on_train_epoch_start(self) -> None:
         self.state = None
         self._t0 = self._t1 = time.perf_counter()
+        self._epoch_tokens, self._epoch_logged = 0, False
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if self._resume is not None:
             self._apply_resume(batch_idx)
-        loss, logits = self._step(batch, carry=self.carry_state)
-        # update(), not forward(): forward also computes a per-batch perplexity that nothing reads
-        self.train_ppl.update(logits.detach(), batch[1])
-        self.train_tokens.update(batch[1].numel())
+        loss, _ = self._step(batch, carry=self.carry_state)
+        n = batch[1].numel()
+        self.train_nll.update(loss, n)
+        self._epoch_tokens += n
         if self.trainer._logger_connector.should_update_logs:  # self.log costs ~1 ms; the loggers skip other steps
             self.log("train/loss", loss, prog_bar=False)
-        self.log("train/ppl", self.train_ppl, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._t1 = time.perf_counter()
+        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # here, not in on_train_epoch_end: callbacks' on_train_epoch_end (ppl.png, the epoch line) run before
+            # the module's and must see this epoch's figures; validation has not run yet
+            self._end_train_epoch()
+
+    def _end_train_epoch(self) -> None:
+        """Log train/ppl, train/bpc, train/tokens_per_sec (and train/mfu) for the epoch; add it to the run's."""
+        if self._epoch_logged or self.train_nll.update_count == 0:
+            return  # a resume from an epoch's end re-enters that epoch's end with no batch trained
+        self._epoch_logged = True
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once an epoch: the time covers the epoch's queued kernels
+        self._t1 = time.perf_counter()
+        nll = self.train_nll.compute()  # sums over ranks
+        self.train_nll.reset()
+        rate = self.throughput.add(*self._gather_epoch(self._epoch_tokens, self._t1 - self._t0))
+        # the values are the same on every rank already: max over ranks keeps them exact and silences the hint
+        same = {"on_step": False, "on_epoch": True, "sync_dist": True, "reduce_fx": "max"}
+        self.log_dict({"train/ppl": nll.exp(), "train/tokens_per_sec": float(rate)}, prog_bar=True, **same)
+        self.log("train/bpc", nll / LN2, **same)
+        if self._peak_flops:
+            self.log("train/mfu", rate * self.flops_per_token / (self._peak_flops * self.trainer.world_size), **same)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Lightning calls this before it clips: the global L2 norm that trainer.gradient_clip_val acts on. Computed
@@ -112,29 +238,56 @@ class CharLM(L.LightningModule):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             self.log("train/grad_norm", norm)
 
+    def _gather_epoch(self, tokens: int, seconds: float) -> tuple[int, float]:
+        """All ranks' training tokens and the slowest rank's time: one all_gather on the module's device."""
+        if self.trainer.world_size == 1:
+            return tokens, seconds
+        here = torch.tensor([float(tokens), seconds], dtype=torch.float64, device=self.device)
+        everyone = self.all_gather(here).reshape(-1, 2).cpu()
+        return int(everyone[:, 0].sum()), float(everyone[:, 1].max())
+
     def on_train_epoch_end(self) -> None:
-        # ThroughputMonitor logs per-step sliding windows from rank 0; we want one epoch figure for the summary
-        # and dashboards: all ranks' tokens (a synced SumMetric) over the epoch's training wall time.
-        if self.train_tokens.update_count == 0:
-            return  # a resume from an epoch's end re-enters that epoch's end with no batch trained
-        tokens = self.train_tokens.compute()
-        self.train_tokens.reset()
-        self.log("train/tokens_per_sec", tokens / max(self._t1 - self._t0, 1e-9), prog_bar=True)
+        # an epoch that did not end at its last batch (max_steps): its figures, later than callbacks see them
+        self._end_train_epoch()
+
+    def _log_nll(self, stage: str, metric: TokenNLL) -> None:
+        """`{stage}/ppl` and `{stage}/bpc` from a TokenNLL (synced over ranks), then reset it."""
+        if metric.update_count == 0:
+            return
+        nll = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/ppl", nll.exp(), on_epoch=True, sync_dist=True, reduce_fx="max", prog_bar=True)
+        self.log(f"{stage}/bpc", nll / LN2, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     def on_validation_epoch_start(self) -> None:
         self._train_state, self.state = self.state, None
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, logits = self._step(batch, carry=True)
-        self.val_ppl(logits, batch[1])
-        self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True, prog_bar=True)
+        loss, _ = self._step(batch, carry=True)
+        self.val_nll.update(loss, batch[1].numel())
 
     def on_validation_epoch_end(self) -> None:
+        self._log_nll("val", self.val_nll)
         self.state = self._train_state
         if not self.trainer.sanity_checking:
             self.sample = self.predict(self.hparams.sample_prefix, self.hparams.sample_chars)
             if self.trainer.is_global_zero:
                 log.info("epoch %d sample: %s", self.current_epoch, self.sample)
+
+    def on_test_start(self) -> None:
+        pin_memory(self.trainer.test_dataloaders, self.device)
+
+    def on_test_epoch_start(self) -> None:
+        self._train_state, self.state = self.state, None
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """The test split, read like validation (state carried across its batches): test/ppl and test/bpc."""
+        loss, _ = self._step(batch, carry=True)
+        self.test_nll.update(loss, batch[1].numel())
+
+    def on_test_epoch_end(self) -> None:
+        self._log_nll("test", self.test_nll)
+        self.state = self._train_state
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Save what a mid-epoch resume needs to continue exactly: carried state, epoch's train metric, RNG."""
@@ -152,7 +305,7 @@ class CharLM(L.LightningModule):
             "state": state,
             "train_ppl": {
                 k: self.all_gather(v) if self.trainer.world_size > 1 else v
-                for k, v in self.train_ppl.metric_state.items()
+                for k, v in self.train_nll.metric_state.items()
             },
             "rng": torch.get_rng_state(),  # dropout's; the partitions draw from their own seeded generators
         }
@@ -172,7 +325,7 @@ class CharLM(L.LightningModule):
         mine = (lambda t: t[self.global_rank]) if world > 1 else (lambda t: t)  # this rank's share of a gathered one
         self.state = None if state is None else mine(state).to(self.device)
         for k, v in r["train_ppl"].items():
-            setattr(self.train_ppl, k, mine(v).to(self.device))
+            setattr(self.train_nll, k, mine(v).to(self.device, getattr(self.train_nll, k).dtype))
         torch.set_rng_state(r["rng"])
 
     @torch.no_grad()

@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "partition": cfg.data.partition,
         "train_ppl": m.get("train/ppl", math.nan),
         "val_ppl": m.get("val/ppl", math.nan),
-        "tokens_per_sec": m.get("train/tokens_per_sec", math.nan),
+        "tokens_per_sec": model.tokens_per_sec,  # the whole run's, not the last epoch's (CharLM.throughput)
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,

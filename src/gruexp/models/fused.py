@@ -28,6 +28,7 @@ from torch import _VF, Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from gruexp.models import backends, gru_cpu
+from gruexp.models.amp import fp32_recurrence
 
 
 def _forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reset_after: bool, save: bool) -> tuple[Tensor, tuple]:
@@ -239,6 +240,7 @@ def _backward_reset_before(dhs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, RZ
     return D, dh, dw_hh, D2.sum(0)
 
 
+@fp32_recurrence  # mixed precision: state and gates in fp32 (gruexp.models.amp, docs/precision.md)
 def gru_recurrence(
     gi: Tensor,
     h0: Tensor,
