@@ -275,6 +275,7 @@ def claim_run_dir(out: Path) -> None:
             raise UserError(
                 f"{out} is not empty ({', '.join(entries[:3])}): set hydra.run.dir to a new or empty folder"
             )
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -291,6 +292,8 @@ def claim_run_dir(out: Path) -> None:
     except OSError as e:
         os.close(fd)
         (out / CLAIM).unlink(missing_ok=True)
+        if created:
+            out.rmdir()
         raise UserError(
             f"cannot write the output folder {out} ({e.strerror}): free space or choose another folder"
         ) from e

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gruexp import UserError
 from gruexp.checks import LAST, NO_SPACE, check_checkpoint, claim_run_dir, is_child_rank, resolve_ckpt_path
@@ -220,6 +221,8 @@ def user_error(exc: BaseException) -> UserError | None:
             )
         if no_space(e):
             return UserError(no_space(e))
+        if isinstance(e, OSError) and e.filename and e.errno in (errno.EACCES, errno.EPERM):
+            return UserError(f"cannot open {e.filename} ({e.strerror}): fix its permissions or give another file")
         e = e.__cause__  # Hydra raises InstantiationException(...) from the error
     return None
 
@@ -279,10 +282,39 @@ class ProtectOutputDir(HydraCallback):
         raw = str(config.hydra.sweep.dir or "").strip()
         if not raw:
             _fail("hydra.sweep.dir is empty: give a folder, or leave it out for outputs/<task_name>/multirun/<time>")
-        _check_writable(Path(raw).expanduser().absolute())
+        _check_writable(Path(raw).expanduser().absolute(), "hydra.sweep.dir")
 
 
-def _check_writable(out: Path) -> None:
+class SweepOutcome(HydraCallback):
+    """When a sweep ends (after PrintBestRun wrote best.json for the jobs that finished): name each job that failed
+    on bad input or diverged, and exit 1.
+
+    Such a job is an outcome, recorded in its summary.json, so train.main lets the sweep go on (Hydra's sweepers
+    stop at the first job that raises, before any on_multirun_end); bugs still raise as before.
+    """
+
+    OK = ("completed", "pruned")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        failed = []
+        for summary in sorted(Path(str(config.hydra.sweep.dir)).glob("*/summary.json")):
+            try:
+                s = json.loads(summary.read_text())
+            except (OSError, ValueError):
+                continue
+            if s.get("status") not in self.OK:
+                overrides = summary.parent / ".hydra" / "overrides.yaml"
+                args = OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else []
+                failed.append(
+                    f"Error executing job with overrides: {args} (job {summary.parent.name} "
+                    f"{s.get('status')}: {s.get('error', '')})"
+                )
+        if failed:
+            print("\n".join(failed), file=sys.stderr)
+            raise SystemExit(1)
+
+
+def _check_writable(out: Path, key: str) -> None:
     """The nearest existing folder of `out` must take a few bytes (Hydra creates the rest); nothing is left behind."""
     parent = out
     while not parent.exists():
@@ -295,7 +327,7 @@ def _check_writable(out: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        _fail(f"cannot write the output folder {out} ({e.strerror}): set hydra.run.dir to a writable folder")
+        _fail(f"cannot write the output folder {out} ({e.strerror}): set {key} to a writable folder")
 
 
 def _fail(message: str) -> None:

@@ -193,7 +193,9 @@ def main(cfg: DictConfig) -> float | None:
         if not checks.is_child_rank():  # every DDP rank has the same config: rank 0 says it once
             log.error("%s", user or e)
         if HydraConfig.get().mode.name == "MULTIRUN":
-            raise  # let the sweep record this job as failed and go on with the others
+            # recorded in its summary.json: the sweep goes on, and faults.SweepOutcome fails it at its end, after
+            # the best of the finished jobs is printed (a raise would stop Hydra's sweepers before that)
+            return math.nan
         sys.exit(2 if user else faults.DIVERGED_EXIT)
     return summary["val_ppl"]  # the objective a sweeper (Optuna) minimises
 
