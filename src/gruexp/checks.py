@@ -399,13 +399,13 @@ def check_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = No
         )
     ckpt = _read(p)
     hp = dict(ckpt["hyper_parameters"])
+    why = _shape_mismatch(p, hp, ckpt["state_dict"])
+    if why:
+        raise UserError(f"{p}: {why}; use the run's own checkpoints/last.ckpt")
     if expect is not None:
         why = _differs(p, hp, expect)
         if why:
             raise UserError(f"checkpoint {p} {why}")
-    why = _shape_mismatch(p, hp, ckpt["state_dict"])
-    if why:
-        raise UserError(f"{p}: {why}; use the run's own checkpoints/last.ckpt")
     return hp
 
 

@@ -158,6 +158,7 @@ def _first_line(e: BaseException) -> str:
 def _write_summary(out: Path, summary: dict[str, Any], since: float) -> OSError | None:
     """Write summary.json; on a full disk, a `failed` one if any byte fits, no empty file left. Returns that error."""
     try:
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", summary)
         return None
     except OSError as e:
