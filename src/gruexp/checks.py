@@ -446,7 +446,8 @@ def resolve_ckpt_path(
         reasons = []
         for p in found:
             try:
-                check_checkpoint(p, expect)
+                if expect is not None:
+                    check_checkpoint(p, expect)
             except UserError as e:
                 reasons.append(str(e))
                 continue
@@ -464,7 +465,10 @@ def resolve_ckpt_path(
         else:
             raise UserError(f"ckpt_path={ckpt_path} is a folder without checkpoints/{LAST}: give a run folder or file")
     elif not p.is_file():
-        raise UserError(f"ckpt_path={ckpt_path} is not a checkpoint file: give <run>/checkpoints/last.ckpt or last")
+        raise UserError(
+            f"ckpt_path={ckpt_path} is not a checkpoint file: it does not exist: pass ckpt_path=last, a run folder "
+            "or <run>/checkpoints/last.ckpt"
+        )
     if expect is not None:
         check_checkpoint(p, expect)
     return str(p)
