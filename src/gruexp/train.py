@@ -89,9 +89,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except Exception as e:
         if not checks.is_child_rank():
-            _write_summary(
-                out, {**summary, "status": "failed", "error": _first_line(e), "wall_time_s": 0.0}, started_at
-            )
+            failed = {"status": "failed", "error": _first_line(e), "wall_time_s": time.perf_counter() - start}
+            _write_summary(out, {**summary, **failed}, started_at)
         raise
 
     status, error = "completed", None
