@@ -234,8 +234,8 @@ def check_overrides(args: Sequence[str], conf_dir: str | os.PathLike, config_nam
         if parent and parent not in known and parent.split(".")[0] in cfg:
             continue  # under a key that is a value (e.g. a null scheduler being given): Hydra's own message
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        if key.startswith("trainer.") and key.split(".", 1)[1] in inspect.signature(_trainer_init()).parameters:
-            fix = f"add it with +{key}=..."
+        if _accepts(OmegaConf.select(cfg, parent) if parent else None, key.rpartition(".")[2]):
+            fix = f"add it with +{key}=..."  # an argument of that node's _target_ the YAML does not list
         elif close:
             fix = f"did you mean {close[0]}?"
         else:
@@ -244,10 +244,16 @@ def check_overrides(args: Sequence[str], conf_dir: str | os.PathLike, config_nam
         raise SystemExit(2)
 
 
-def _trainer_init() -> Callable:
-    from lightning.pytorch import Trainer
+def _accepts(node: Any, name: str) -> bool:
+    """Whether the `_target_` of config node `node` (a Trainer, an optimizer...) takes an argument `name`."""
+    if not OmegaConf.is_dict(node) or "_target_" not in node:
+        return False
+    try:
+        from hydra.utils import get_object
 
-    return Trainer.__init__
+        return name in inspect.signature(get_object(str(node._target_))).parameters
+    except Exception:
+        return False
 
 
 # --- the run folder -------------------------------------------------------------------------------------------
