@@ -219,7 +219,7 @@ def test_max_epochs_minus_two_gets_no_device_hint(capfd, tmp_path):
     ],
 )
 def test_generate_values_are_one_line(capfd, first_run, args, message):
-    args = [a.replace("CKPT", str(first_run)) for a in args]
+    args = [a.replace("CKPT", str(first_run / "checkpoints" / "last.ckpt")) for a in args]
     code, out = run_main(capfd, "gruexp.generate", *args)
     assert code == 2
     assert_one_line_error(code, out, message)
