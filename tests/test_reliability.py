@@ -150,7 +150,8 @@ def test_checkpoint_write_is_atomic(tmp_path):
 def test_bad_config_is_one_line(capfd, tmp_path, args, message, corpus_path):
     code, out = run_main(capfd, "gruexp.train", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(code, out, message)
-    assert not (tmp_path / "run" / "summary.json").exists()
+    summary = tmp_path / "run" / "summary.json"  # a failed run never claims success
+    assert not summary.exists() or json.loads(summary.read_text())["status"] == "failed"
 
 
 @pytest.mark.parametrize(

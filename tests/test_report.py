@@ -50,9 +50,9 @@ def sweep(tmp_path_factory, corpus_path):
     # job 1 diverged: its summary says so (as a NaN-guarding run would write it)
     s = json.loads((root / "1" / "summary.json").read_text())
     (root / "1" / "summary.json").write_text(json.dumps({**s, "status": "diverged", "val_ppl": math.nan}))
-    # job 4 failed for real before training: Hydra wrote its config, train() raised, no summary.json
+    # job 4 failed for real before training: Hydra wrote its config, train() raised, its summary.json says failed
     r = run_cli("gruexp.train", *TINY, "model=fused", "data.num_steps=200000", f"hydra.run.dir={root / '4'}")
-    assert r.returncode != 0 and not (root / "4" / "summary.json").exists()
+    assert r.returncode != 0 and json.loads((root / "4" / "summary.json").read_text())["status"] == "failed"
     return root
 
 

@@ -133,7 +133,8 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message, corpus_p
     assert r.returncode != 0
     assert message in r.stdout + r.stderr
     assert "Traceback" not in r.stderr
-    assert not (run / "summary.json").exists()
+    summary = run / "summary.json"  # a failed run never claims success
+    assert not summary.exists() or json.loads(summary.read_text())["status"] == "failed"
 
 
 def test_generate_missing_checkpoint(tmp_path):

@@ -6,11 +6,14 @@
 - StepChecks: both decisions in one small tensor on the module's device: one collective per DDP step at most,
   none and no host sync on one process but every `log_every_n_steps` batches and where a checkpoint is written.
 - AtomicCheckpointIO: checkpoints are written to a temporary file beside the target, then renamed.
-- resolve_ckpt_path, check_devices, user_error, check_choices, ProtectOutputDir: bad input as one clear line.
+- check_devices, user_error, check_choices, ProtectOutputDir: bad input as one clear line (with gruexp.checks,
+  whose resolve_ckpt_path and check_checkpoint are re-exported here).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import math
 import os
@@ -30,13 +33,15 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gruexp import UserError
+from gruexp.checks import LAST, NO_SPACE, check_checkpoint, claim_run_dir, is_child_rank, resolve_ckpt_path
+
+__all__ = ["resolve_ckpt_path", "check_checkpoint"]  # one resolver and one check for train, generate, evaluate
 
 log = logging.getLogger(__name__)
 
-LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # "last.ckpt"
 INTERRUPT_EXIT = 130  # the shell's code for a run stopped by Ctrl+C (128 + SIGINT)
 DIVERGED_EXIT = 3
 
@@ -266,10 +271,12 @@ def _in_main_thread() -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file in the target's folder, fsync, then os.replace: a kill leaves the old file.
+    """torch.save to a nameless file in the target's folder, fsync, name it, os.replace: a kill leaves the old file.
 
     Lightning's own save goes through an fsspec transaction whose temporary file lives in the system temp folder;
-    when that is another filesystem the final move is a copy, which a kill can truncate.
+    when that is another filesystem the final move is a copy, which a kill can truncate. Where Linux's O_TMPFILE
+    works, the file has no name until it is whole, so a kill -9 mid-save leaves nothing behind; elsewhere a
+    `.<name>.<pid>.tmp` beside the target, removed on any error. A full disk is an OSError naming the target.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -279,40 +286,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as f:
+            try:
+                fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+                named = False
+            except (AttributeError, OSError):  # not Linux, or a filesystem without O_TMPFILE
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                named = True
+            with open(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+                if not named:  # linkat(AT_SYMLINK_FOLLOW), which Python uses only given a dir_fd
+                    tmp.unlink(missing_ok=True)
+                    dir_fd = os.open(path.parent, os.O_RDONLY)
+                    try:
+                        os.link(f"/proc/self/fd/{f.fileno()}", tmp.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                    finally:
+                        os.close(dir_fd)
             os.replace(tmp, path)
+        except Exception as e:
+            if _find_no_space(e) is not None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+            raise
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
-    """`last`: the newest last.ckpt among this run's sibling run folders; a run folder: its last.ckpt; else as given.
-
-    The resumed run always writes into its own new folder, so the interrupted run's files are never overwritten.
-    """
-    if ckpt_path is None:
-        return None
-    out = Path(output_dir).resolve()
-    if str(ckpt_path) == "last":
-        root = out.parent
-        found = [p for p in root.glob(f"*/checkpoints/{LAST}") if out not in p.parents]
-        if not found:
-            raise UserError(
-                f"ckpt_path=last found no */checkpoints/{LAST} under {root}: give the file or run folder, "
-                "ckpt_path=<run>/checkpoints/last.ckpt"
-            )
-        newest = max(found, key=lambda p: p.stat().st_mtime)
-        log.info("ckpt_path=last resumes %s", newest)
-        return str(newest)
-    p = Path(ckpt_path).expanduser()
-    if p.is_dir() and (p / "checkpoints" / LAST).is_file():
-        return str(p / "checkpoints" / LAST)
-    if not p.is_file():
-        raise UserError(f"ckpt_path={ckpt_path} is not a checkpoint file: give <run>/checkpoints/last.ckpt or last")
-    return str(p)
 
 
 def check_devices(accelerator: str, devices: Any) -> None:
@@ -328,15 +325,44 @@ def check_devices(accelerator: str, devices: Any) -> None:
 
 
 def user_error(exc: BaseException) -> UserError | None:
-    """The user's mistake inside `exc` (Hydra wraps whatever a _target_ raises), or None for a real bug."""
+    """The user's mistake inside `exc` (Hydra wraps whatever a _target_ raises), or None for a real bug.
+
+    A full disk is the user's to fix too: one line naming the folder, not the chain of tracebacks it causes.
+    """
     e: BaseException | None = exc
     while e is not None:
         if isinstance(e, UserError):
             return e
         if isinstance(e, MisconfigurationException):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return UserError(f"trainer: {first} (check trainer.accelerator and trainer.devices)")
+            about_devices = re.search(r"accelerator|device|gpu|cuda|mps|tpu|hpu|strategy", first, re.IGNORECASE)
+            return UserError(
+                f"trainer: {first}" + (" (check trainer.accelerator and trainer.devices)" if about_devices else "")
+            )
+        if no_space(e):
+            return UserError(no_space(e))
+        if isinstance(e, OSError) and e.filename and e.errno in (errno.EACCES, errno.EPERM):
+            return UserError(f"cannot open {e.filename} ({e.strerror}): fix its permissions or give another file")
         e = e.__cause__  # Hydra raises InstantiationException(...) from the error
+    return None
+
+
+def no_space(e: BaseException) -> str | None:
+    """'no space left on device writing <file>: ...' when `e` is (or was caused by) a full disk or quota, else None."""
+    full = _find_no_space(e)
+    if full is None:
+        return None
+    where = f" writing {full.filename}" if full.filename else ""
+    return f"no space left on device{where}: free space there or set hydra.run.dir to another disk"
+
+
+def _find_no_space(e: BaseException | None) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return e
+        e = e.__cause__ or e.__context__  # torch.save's RuntimeError carries the OSError as its context
     return None
 
 
@@ -359,33 +385,69 @@ def check_choices(args: Sequence[str], conf_dir: str | os.PathLike) -> None:
 
 
 class ProtectOutputDir(HydraCallback):
-    """Before Hydra writes anything: refuse a run folder that already holds a run, or one that cannot be written."""
+    """Before Hydra writes anything: claim the run folder (gruexp.checks.claim_run_dir), or refuse it in one line."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        out = Path(str(config.hydra.run.dir)).expanduser().absolute()
-        if (out / "summary.json").exists() or any((out / "checkpoints").glob("*.ckpt")):
-            _fail(
-                f"{out} already holds a run: choose another hydra.run.dir "
-                f"(to continue that run in a new folder: ckpt_path={out})"
-            )
-        _check_writable(out)
+        if is_child_rank():
+            return  # a DDP rank started by rank 0 joins the folder rank 0 claimed
+        raw = str(config.hydra.run.dir or "").strip()
+        if not raw:
+            _fail("hydra.run.dir is empty: give a folder, or leave it out for outputs/<task_name>/runs/<time>")
+        try:
+            claim_run_dir(Path(raw).expanduser().absolute())
+        except UserError as e:
+            _fail(str(e))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(Path(str(config.hydra.sweep.dir)).expanduser().absolute())
+        raw = str(config.hydra.sweep.dir or "").strip()
+        if not raw:
+            _fail("hydra.sweep.dir is empty: give a folder, or leave it out for outputs/<task_name>/multirun/<time>")
+        _check_writable(Path(raw).expanduser().absolute(), "hydra.sweep.dir")
 
 
-def _check_writable(out: Path) -> None:
-    """The nearest existing folder of `out` must take a new file (Hydra creates the rest); nothing is left behind."""
+class SweepOutcome(HydraCallback):
+    """When a sweep ends (after PrintBestRun wrote best.json for the jobs that finished): name each job that failed
+    on bad input or diverged, and exit 1.
+
+    Such a job is an outcome, recorded in its summary.json, so train.main lets the sweep go on (Hydra's sweepers
+    stop at the first job that raises, before any on_multirun_end); bugs still raise as before.
+    """
+
+    OK = ("completed", "pruned")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        failed = []
+        for summary in sorted(Path(str(config.hydra.sweep.dir)).glob("*/summary.json")):
+            try:
+                s = json.loads(summary.read_text())
+            except (OSError, ValueError):
+                continue
+            if s.get("status") not in self.OK:
+                overrides = summary.parent / ".hydra" / "overrides.yaml"
+                args = OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else []
+                failed.append(
+                    f"Error executing job with overrides: {args} (job {summary.parent.name} "
+                    f"{s.get('status')}: {s.get('error', '')})"
+                )
+        if failed:
+            print("\n".join(failed), file=sys.stderr)
+            raise SystemExit(1)
+
+
+def _check_writable(out: Path, key: str) -> None:
+    """The nearest existing folder of `out` must take a few bytes (Hydra creates the rest); nothing is left behind."""
     parent = out
     while not parent.exists():
         parent = parent.parent
     try:
         if not parent.is_dir():
             raise NotADirectoryError(20, "not a directory")
-        with tempfile.TemporaryFile(dir=parent):
-            pass
+        with tempfile.TemporaryFile(dir=parent) as f:
+            f.write(b"gruexp" * 700)  # a block's worth: a full disk refuses it, an empty file would pass
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
-        _fail(f"cannot write the output folder {out} ({e.strerror}): set hydra.run.dir to a writable folder")
+        _fail(f"cannot write the output folder {out} ({e.strerror}): set {key} to a writable folder")
 
 
 def _fail(message: str) -> None:

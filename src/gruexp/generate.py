@@ -1,8 +1,9 @@
-"""Continue a prefix with a trained checkpoint: python -m gruexp.generate ckpt_path=<file.ckpt> prefix="..."."""
+"""Continue a prefix with a trained model: python -m gruexp.generate ckpt_path=<last | run folder | file> prefix=..."""
 
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -12,51 +13,32 @@ import torch
 from omegaconf import DictConfig
 
 from gruexp import UserError
+from gruexp.checks import check_checkpoint, check_generate_config, check_overrides, resolve_ckpt_path
 from gruexp.module import CharLM
 
 log = logging.getLogger("gruexp.generate")
 
 
 def load(ckpt_path: str | Path, device: str = "cpu") -> CharLM:
-    """Load a CharLM checkpoint of any variant; a missing or foreign file is a UserError."""
-    p = Path(ckpt_path)
-    if not p.is_file():
-        raise UserError(f"checkpoint {p} does not exist: pass ckpt_path=<run>/checkpoints/last.ckpt")
+    """Load a CharLM checkpoint of any variant: `last`, a run folder or a file (the resolver train uses).
+
+    A missing, damaged or foreign file is one UserError line (gruexp.checks.check_checkpoint), never a traceback.
+    """
+    p = Path(resolve_ckpt_path(str(ckpt_path)))
+    check_checkpoint(p)
     try:
-        model = CharLM.load_from_checkpoint(p, map_location=device)
-    except RuntimeError as e:
-        if "size mismatch" in str(e):
-            raise UserError(_mismatch(p)) from e
-        raise UserError(f"{p} is not a gruexp checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    except (KeyError, TypeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        model = CharLM.load_from_checkpoint(p, map_location=device, weights_only=True)
+    except (RuntimeError, KeyError, TypeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise UserError(f"{p} is not a gruexp checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     return model.eval()
 
 
-def _mismatch(p: Path) -> str:
-    """Name the first weight whose shape disagrees with the vocabulary / hidden size the checkpoint declares."""
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    hp = ckpt["hyper_parameters"]
-    expected = CharLM(**hp).state_dict()
-    V, H = len(hp["vocab"]), hp["hidden_size"]
-    for k, w in ckpt["state_dict"].items():
-        if k in expected and expected[k].shape != w.shape:
-            dims = set(w.shape)
-            which = "vocabulary" if V not in dims else "hidden size" if H not in dims else "shape"
-            return (
-                f"{p}: its weights do not fit its {which} (vocabulary of {V} tokens, hidden size {H}): {k} is "
-                f"{list(w.shape)}, expected {list(expected[k].shape)}; the file mixes two runs, use the run's own "
-                "checkpoints/last.ckpt"
-            )
-    return f"{p}: its weights do not fit its hyper-parameters; use the run's own checkpoints/last.ckpt"
-
-
 def generate(model: CharLM, prefix: str, num_chars: int = 50, temperature: float = 0.0, seed: int = 0) -> str:
     """The prefix and its continuation; the prefix is lower-cased like the corpus, unknown characters -> <unk>."""
-    if num_chars < 0:
-        raise UserError(f"num_chars must be >= 0, got {num_chars}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(num_chars, bool) or not isinstance(num_chars, int) or num_chars < 0:
+        raise UserError(f"num_chars must be an integer >= 0, got {num_chars!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature!r}")  # nan would act as greedy
     prefix = prefix.lower()
     unknown = sorted({c for c in prefix if c not in model.vocab.token_to_idx})
     if not prefix or len(unknown) == len(set(prefix)):
@@ -71,7 +53,9 @@ def generate(model: CharLM, prefix: str, num_chars: int = 50, temperature: float
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    """Entry point: print the continuation; a user error is one line and exit status 2."""
     try:
+        check_generate_config(cfg)
         text = generate(load(cfg.ckpt_path, cfg.device), str(cfg.prefix), cfg.num_chars, cfg.temperature, cfg.seed)
     except UserError as e:
         log.error("%s", e)
@@ -80,4 +64,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:], Path(__file__).resolve().parents[2] / "conf", "generate")
     main()

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import faults, launch
+from gruexp import checks, faults, launch
 
 log = logging.getLogger("gruexp.train")
 
@@ -31,10 +31,13 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a reader never sees half a file, even if the run is killed mid-write."""
+    """Write atomically: a reader never sees half a file, even if the run is killed mid-write; no .tmp is left."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _describe(cfg: DictConfig) -> str:
@@ -46,27 +49,49 @@ def _describe(cfg: DictConfig) -> str:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit one model as the config says and return its final metrics (also written to summary.json)."""
-    out = Path(cfg.paths.output_dir)
-    faults.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
-    ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out)
-    seed = L.seed_everything(cfg.seed, workers=True)
-    start = time.perf_counter()
+    """Fit one model as the config says and return its final metrics (also written to summary.json).
 
-    datamodule = instantiate(cfg.data, seed=seed)
-    model = instantiate(
-        cfg.model,
-        vocab=datamodule.vocab.idx_to_token,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.get("scheduler")),
-    )
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
-    loggers = _instantiate_all(cfg.get("logger"))
-    run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
-    for lg in loggers:
-        lg.log_hyperparams(run_config)  # the whole resolved config: W&B's run config, CSV's hparams.yaml
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    Whatever happens after Hydra gave this run its folder, the folder ends with a summary.json whose `status`
+    says how the run ended (completed | interrupted | diverged | failed), bad input included.
+    """
+    out = Path(cfg.paths.output_dir)
+    start, started_at = time.perf_counter(), time.time()
+    summary: dict[str, Any] = {
+        "model": cfg.model.get("name"),
+        "hidden_size": cfg.model.get("hidden_size"),
+        "lr": cfg.optimizer.get("lr"),
+        "gradient_clip_val": cfg.trainer.get("gradient_clip_val"),
+        "batch_size": cfg.data.get("batch_size"),
+        "num_steps": cfg.data.get("num_steps"),
+        "partition": cfg.data.get("partition"),
+    }
+    try:  # everything a user's value can break, before any training: one line each (gruexp.checks)
+        checks.check_train_config(cfg)
+        faults.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
+        seed = L.seed_everything(cfg.seed, workers=True)
+        datamodule = instantiate(cfg.data, seed=seed)
+        vocab = datamodule.vocab.idx_to_token
+        # a checkpoint of another model, size or vocabulary is refused here, not resumed silently
+        ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out, expect=checks.model_signature(cfg.model, vocab))
+        checks.check_memory(cfg, len(vocab))  # before the model allocates anything
+        model = instantiate(
+            cfg.model,
+            vocab=vocab,
+            optimizer=instantiate(cfg.optimizer),
+            scheduler=instantiate(cfg.get("scheduler")),
+        )
+        callbacks = _instantiate_all(cfg.get("callbacks"))
+        callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
+        loggers = _instantiate_all(cfg.get("logger"))
+        run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+        for lg in loggers:
+            lg.log_hyperparams(run_config)  # the whole resolved config: W&B's run config, CSV's hparams.yaml
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except Exception as e:
+        if not checks.is_child_rank():
+            failed = {"status": "failed", "error": _first_line(e), "wall_time_s": time.perf_counter() - start}
+            _write_summary(out, {**summary, **failed}, started_at)
+        raise
 
     status, error = "completed", None
     try:
@@ -81,37 +106,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         status = "interrupted"
 
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    summary = {
-        "model": cfg.model.name,
-        "hidden_size": cfg.model.hidden_size,
-        "lr": cfg.optimizer.get("lr"),
-        "gradient_clip_val": cfg.trainer.get("gradient_clip_val"),
-        "batch_size": cfg.data.batch_size,
-        "num_steps": cfg.data.num_steps,
-        "partition": cfg.data.partition,
-        "train_ppl": m.get("train/ppl", math.nan),
-        "val_ppl": m.get("val/ppl", math.nan),
-        "tokens_per_sec": model.tokens_per_sec,  # the whole run's, not the last epoch's (CharLM.throughput)
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "world_size": trainer.world_size,
-        "wall_time_s": time.perf_counter() - start,
-        "sample": model.sample,
-        "seed": seed,
-        "status": status,  # completed | interrupted | diverged | failed
-    }
+    summary.update(
+        {
+            "train_ppl": m.get("train/ppl", math.nan),
+            "val_ppl": m.get("val/ppl", math.nan),
+            "tokens_per_sec": model.tokens_per_sec,  # the whole run's, not the last epoch's (CharLM.throughput)
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "wall_time_s": time.perf_counter() - start,
+            "sample": model.sample,
+            "seed": seed,
+            "status": status,  # completed | interrupted | diverged | failed
+        }
+    )
     if error is not None and not isinstance(error, SystemExit):
-        summary["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None:
-        summary["best_val_ppl"] = float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan
-        summary["best_ckpt"] = ckpt.best_model_path
-        summary["last_ckpt"] = ckpt.last_model_path
+        summary["error"] = _first_line(error)
+    best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+    if best is not None:
+        summary["best_val_ppl"] = float(best.best_model_score) if best.best_model_score is not None else math.nan
+        summary["best_ckpt"] = best.best_model_path
+    if trainer.checkpoint_callbacks:
+        last = Path(trainer.checkpoint_callbacks[0].dirpath or out / "checkpoints") / faults.LAST
+        summary["last_ckpt"] = str(last) if last.is_file() else ""
     if trainer.is_global_zero:
-        write_json(out / "summary.json", summary)
+        full_disk = _write_summary(out, summary, started_at)
+        if full_disk is not None and error is None:
+            error = full_disk  # the run trained, but its record could not be written: it did not succeed
         log.info(
             "%sval/ppl %.3f | train/ppl %.3f | %.0f tokens/sec | %s",
-            "" if status == "completed" else f"{status.upper()}: ",
+            "" if summary["status"] == "completed" else f"{summary['status'].upper()}: ",
             summary["val_ppl"],
             summary["train_ppl"],
             summary["tokens_per_sec"],
@@ -121,6 +145,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if error is not None:
         raise error
     return summary
+
+
+def _first_line(e: BaseException) -> str:
+    """An error as summary.json's one-line `error`."""
+    user = faults.user_error(e)
+    text = str(user or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _write_summary(out: Path, summary: dict[str, Any], since: float) -> OSError | None:
+    """Write summary.json; on a full disk, a `failed` one if any byte fits, no empty file left. Returns that error."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "summary.json", summary)
+        return None
+    except OSError as e:
+        if faults.no_space(e) is None:
+            raise
+        full = OSError(e.errno, e.strerror, str(out / "summary.json"))
+    summary.update(status="failed", error=faults.no_space(full))
+    brief = json.dumps({k: summary[k] for k in ("model", "status", "error")}) + "\n"
+    try:  # no room for a temporary copy: the few bytes in place
+        (out / "summary.json").write_text(brief)
+    except OSError:
+        (out / "summary.json").unlink(missing_ok=True)
+    for f in out.rglob("*"):  # what this run began to write when the disk filled: empty files mean nothing
+        try:
+            st = f.lstat()
+            if f.is_file() and st.st_size == 0 and st.st_mtime >= since - 1:
+                f.unlink()
+        except OSError:
+            pass
+    return full
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
@@ -133,13 +190,18 @@ def main(cfg: DictConfig) -> float | None:
         user = faults.user_error(e)
         if user is None and not isinstance(e, faults.Diverged):
             raise  # a bug: keep its traceback
-        log.error("%s", user or e)
+        if not checks.is_child_rank():  # every DDP rank has the same config: rank 0 says it once
+            log.error("%s", user or e)
         if HydraConfig.get().mode.name == "MULTIRUN":
-            raise  # let the sweep record this job as failed and go on with the others
+            # recorded in its summary.json: the sweep goes on, and faults.SweepOutcome fails it at its end, after
+            # the best of the finished jobs is printed (a raise would stop Hydra's sweepers before that)
+            return math.nan
         sys.exit(2 if user else faults.DIVERGED_EXIT)
     return summary["val_ppl"]  # the objective a sweeper (Optuna) minimises
 
 
 if __name__ == "__main__":
-    faults.check_choices(sys.argv[1:], Path(__file__).resolve().parents[2] / "conf")
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    faults.check_choices(sys.argv[1:], conf)
+    checks.check_overrides(sys.argv[1:], conf, "train")
     main()
