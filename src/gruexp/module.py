@@ -134,7 +134,7 @@ class CharLM(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.sample = self.predict(self.hparams.sample_prefix, self.hparams.sample_chars)
             if self.trainer.is_global_zero:
-                log.info("epoch %d sample: %s", self.current_epoch, self.sample)
+                log.info("epoch %d sample: %s", self.current_epoch + 1, self.sample)  # 1-based, as the log lines
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Save what a mid-epoch resume needs to continue exactly: carried state, epoch's train metric, RNG."""
