@@ -190,6 +190,15 @@ def progress(enabled: bool = True, refresh_rate: int = 1) -> Callback:
     return MetricsBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLines()
 
 
+def _lr(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """The configured learning rate (a scheduler's start value), as the sweep table writes it."""
+    lr = getattr(getattr(pl_module, "optimizer", None), "keywords", {}).get("lr")  # Hydra's partial optimizer
+    if lr is None and trainer.optimizers:
+        group = trainer.optimizers[0].param_groups[0]
+        lr = group.get("initial_lr", group.get("lr"))
+    return f"{lr:g}" if isinstance(lr, (int, float)) else "?"
+
+
 class PerplexityCurve(Callback):
     """Collects train/val perplexity per epoch and writes `ppl.png` into the run folder (and to W&B) at the end."""
 
@@ -209,8 +218,9 @@ class PerplexityCurve(Callback):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         hp = pl_module.hparams
-        title = f"{hp.get('name', '')} hidden {hp.get('hidden_size', '')}"
-        plot_ppl_curves({"": self.curves}, self.path, title)
+        title = f"{hp.get('name', '')}, hidden {hp.get('hidden_size', '')}, lr {_lr(trainer, pl_module)}"
+        title += f", clip {trainer.gradient_clip_val if trainer.gradient_clip_val is not None else 'none'}"
+        plot_ppl_curves({"": self.curves}, self.path, title, mark_best=True)
         for lg in wandb_loggers(trainer.loggers):
             import wandb
 

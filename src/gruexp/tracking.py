@@ -301,8 +301,24 @@ def offline_runs(run_dir: str | Path) -> list[Path]:
 
 
 # --- plots -------------------------------------------------------------------------------------------------------
-def plot_ppl_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]], path: str | Path, title: str) -> Path:
-    """Perplexity against epoch, one line per (label, metric), log scale; written as a PNG (Agg, no display)."""
+def best_point(points: list[tuple[int, float]]) -> tuple[int, float]:
+    """The (epoch, value) of the lowest finite perplexity, the first such epoch on a tie (ModelCheckpoint's choice)."""
+    finite = [(e, v) for e, v in points if math.isfinite(v)]
+    if not finite:
+        raise ValueError("no finite perplexity to mark")
+    return min(finite, key=lambda p: p[1])
+
+
+def plot_ppl_curves(
+    curves: Mapping[str, Mapping[str, list[tuple[int, float]]]],
+    path: str | Path,
+    title: str,
+    mark_best: bool = False,
+) -> Path:
+    """Perplexity against epoch (from 1), one line per (label, metric), log scale; written as a PNG (Agg, no display).
+
+    `mark_best` circles each val/ppl curve's lowest point and names its value and epoch (the best checkpoint's).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -310,47 +326,46 @@ def plot_ppl_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]],
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    n = 0
     for label, metrics in curves.items():
         for metric, points in metrics.items():
             points = [(e, v) for e, v in points if math.isfinite(v)]
-            if points:
-                style = "--" if metric.startswith("train") else "-"
-                name = f"{label} {metric}" if len(metrics) > 1 else label
-                ax.plot(*zip(*points, strict=True), style, marker="." if len(points) < 40 else None, label=name)
-    ax.set(xlabel="epoch", ylabel="perplexity", title=title)
+            if not points:
+                continue
+            style = "--" if metric.startswith("train") else "-"
+            name = f"{label} {metric}".strip() if len(metrics) > 1 else label
+            # the 10 colours repeat after 10 lines: the marker tells the repeats apart
+            marker = ".osD^v"[n // 10 % 6] if len(points) < 40 else None
+            (line,) = ax.plot(*zip(*points, strict=True), style, marker=marker, ms=4 if n >= 10 else 6, label=name)
+            n += 1
+            if mark_best and metric.startswith("val"):
+                epoch, best = best_point(points)
+                ax.plot([epoch], [best], "o", ms=11, mfc="none", mec=line.get_color(), mew=2)
+                ax.annotate(
+                    f"best {best:.3f} (epoch {epoch})",
+                    (epoch, best),
+                    xytext=(0, -16),
+                    textcoords="offset points",
+                    ha="center",
+                    va="top",
+                    fontsize=9,
+                    color=line.get_color(),
+                )
+    ax.set(xlabel="epoch", ylabel="perplexity (log scale)", title=title)
     ax.set_yscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 12 rather than 1.2x10^1
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, ncol=1 + len(ax.lines) // 12)
+    ax.margins(y=0.12)  # room for the best point's label
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries > 5:  # beside the plot, where it covers no curve
+        fig.set_size_inches(7 + 3.5 * (1 + entries // 20), 4.5)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + entries // 20)
+    elif entries:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gruexp.tracking <offline run folder> [--full]`: print a run's summary (or all of it, as JSON)."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="Read an offline W&B run without uploading it.")
-    p.add_argument("run", type=Path, help="outputs/.../wandb/offline-run-... (or the gruexp run folder holding it)")
-    p.add_argument("--full", action="store_true", help="print every config key, history row and summary value (JSON)")
-    args = p.parse_args(argv)
-    folder = args.run
-    if not list(folder.glob("run-*.wandb")):
-        runs = offline_runs(folder)
-        if not runs:
-            print(f"error: {folder} holds no W&B run (run-*.wandb): pass <run folder>/wandb/offline-run-...")
-            return 2
-        folder = runs[-1]
-    run = read_run(folder, full=args.full)
-    print(json.dumps(run, indent=1) if args.full else run)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
