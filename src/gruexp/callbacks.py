@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, RichProgressBar
 
 from gruexp.tracking import plot_ppl_curves, wandb_loggers
 
@@ -30,20 +30,13 @@ def fmt_metric(key: str, value: float) -> str:
 
 
 class _EpochTracking:
-    """Mixed into both progress displays: 1-based epochs, the epoch of the latest validation, a parameter count.
+    """Mixed into both progress displays: 1-based epochs and the epoch of the latest validation.
 
     Epochs are counted from 1 everywhere a user reads them (bar, log lines, samples, plots); Lightning's
     `current_epoch` is 0-based while an epoch runs and equals the number of finished epochs between them.
     """
 
     _val_epoch = 0  # 1-based epoch of the latest validation; 0: none yet
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # one line instead of Lightning's model summary table (trainer.enable_model_summary=true brings it back)
-        if trainer.is_global_zero:
-            n = sum(p.numel() for p in pl_module.parameters())
-            name = getattr(pl_module, "hparams", {}).get("name", type(pl_module).__name__)
-            log.info("model %s: %s parameters", name, f"{n:,}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
@@ -175,18 +168,28 @@ class EpochLines(_EpochTracking, ProgressBar):
         log.info(" | ".join(parts))
 
 
-class ParameterCount(_EpochTracking, Callback):
-    """With the progress display off: only the one-line parameter count."""
+class ParameterCount(ModelSummary):
+    """Lightning's model summary as one line, `model fused: 226,844 parameters`, instead of its table.
+
+    Being a ModelSummary, it takes the place of the one Lightning adds (trainer.enable_model_summary); Lightning's
+    table is `callbacks.model_summary=null` away, or `_target_: lightning.pytorch.callbacks.ModelSummary` for depth.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            n = sum(p.numel() for p in pl_module.parameters())
+            name = getattr(pl_module, "hparams", {}).get("name", type(pl_module).__name__)
+            log.info("model %s: %s parameters", name, f"{n:,}")
 
 
 def progress(enabled: bool = True, refresh_rate: int = 1) -> Callback:
     """The progress display: a live Rich bar on a terminal, one line per epoch when stdout is not a TTY.
 
-    `enabled` is `trainer.enable_progress_bar`: when false this returns a callback that only logs the parameter
-    count, since Lightning refuses a progress-bar callback alongside `enable_progress_bar=false`.
+    `enabled` is `trainer.enable_progress_bar`: when false this returns a callback that does nothing, since Lightning
+    refuses a progress-bar callback alongside `enable_progress_bar=false`.
     """
     if not enabled:
-        return ParameterCount()
+        return Callback()
     return MetricsBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLines()
 
 

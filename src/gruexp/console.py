@@ -22,6 +22,7 @@ NOISY_INFO = (
     "TPU available: ",
     "💡 Tip: For seamless cloud logging",  # logger_connector.py: litlogger advertisement
     "`Trainer.fit` stopped: `max_epochs=",  # fit_loop.py: the normal end; the result line follows
+    "Trainer already configured with model summary callbacks",  # gruexp's one-line ParameterCount replaces the table
     # fabric/utilities/distributed.py: DDP start-up chatter; every rank's `rank r/W config` line says it better
     "Initializing distributed: GLOBAL_RANK",
     "-" * 100 + "\ndistributed_backend=",
