@@ -97,14 +97,21 @@ def test_quiet_keeps_other_warnings():
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    rank_zero.addHandler(handler)
+    loggers = [
+        logging.getLogger("lightning.pytorch.utilities.rank_zero"),
+        logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector"),
+    ]
+    for lg in loggers:
+        lg.addHandler(handler)
     try:
-        rank_zero.info("GPU available: False, used: False")
-        rank_zero.info("Seed set to 3")
+        loggers[0].info("GPU available: False, used: False")
+        loggers[0].info("Seed set to 3")
+        loggers[1].info("`weights_only` was not set, defaulting to `False`.")
+        loggers[1].info("Restoring states from the checkpoint path at x.ckpt")
     finally:
-        rank_zero.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["Seed set to 3"]
+        for lg in loggers:
+            lg.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["Seed set to 3", "Restoring states from the checkpoint path at x.ckpt"]
 
 
 def test_epochs_count_from_one_and_val_only_when_validated(make_cfg, tmp_path, caplog):

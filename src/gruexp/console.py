@@ -15,8 +15,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
 
-# Lightning's rank_zero_info lines that say nothing about the user's run (the trainer's setup, a product tip, the
-# normal end of fit); matched at the start of the message.
+# Lightning's info lines that say nothing about the user's run (the trainer's setup, a product tip, the normal end
+# of fit, DDP start-up); matched at the start of the message, on the loggers that emit them.
 NOISY_INFO = (
     "GPU available: ",  # lightning/pytorch/trainer/setup.py: the device choice is in the config line
     "TPU available: ",
@@ -26,6 +26,8 @@ NOISY_INFO = (
     # fabric/utilities/distributed.py: DDP start-up chatter; every rank's `rank r/W config` line says it better
     "Initializing distributed: GLOBAL_RANK",
     "-" * 100 + "\ndistributed_backend=",
+    # checkpoint_connector.py: on every trainer.save_checkpoint() without weights_only (the interrupt's last.ckpt)
+    "`weights_only` was not set, defaulting to `False`.",
 )
 
 # (category, message regex) of warnings that are not about the user's run.
@@ -61,6 +63,7 @@ def quiet() -> None:
         "lightning.pytorch.utilities.rank_zero",
         "lightning.fabric.utilities.rank_zero",
         "lightning.fabric.utilities.distributed",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
     ):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
