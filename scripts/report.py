@@ -297,7 +297,9 @@ def plot_throughput(jobs: list[dict[str, Any]], path: Path) -> Path | None:
             ecolor="black",
             capsize=5,
         )
-    ax.bar_label(drawn, [thousands(b[1]) for b in bars], fontsize=9, padding=3)
+    # inside the bars when whiskers stand on their tops, above them otherwise
+    where = {"label_type": "center", "color": "white"} if ranged else {"padding": 3}
+    ax.bar_label(drawn, [thousands(b[1]) for b in bars], fontsize=9, **where)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(thousands))
     ax.set(ylabel="training tokens/sec")
     what = "mean over its jobs; whiskers: min to max" if ranged else "one job each"

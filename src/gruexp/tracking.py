@@ -351,11 +351,14 @@ def plot_ppl_curves(
                     fontsize=9,
                     color=line.get_color(),
                 )
-    ax.set(xlabel="epoch", ylabel="perplexity (log scale)", title=title)
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 12 rather than 1.2x10^1
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    values = [v for line in ax.lines for v in line.get_ydata() if math.isfinite(v) and v > 0]
+    wide = bool(values) and max(values) / min(values) > 4  # a log axis labels too few ticks on a narrow range
+    ax.set(xlabel="epoch", ylabel="perplexity (log scale)" if wide else "perplexity", title=title)
+    if wide:
+        ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 12 rather than 1.2x10^1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(y=0.12)  # room for the best point's label
