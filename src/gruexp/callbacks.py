@@ -222,7 +222,8 @@ class PerplexityCurve(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         hp = pl_module.hparams
         title = f"{hp.get('name', '')}, hidden {hp.get('hidden_size', '')}, lr {_lr(trainer, pl_module)}"
-        title += f", clip {trainer.gradient_clip_val if trainer.gradient_clip_val is not None else 'none'}"
+        clip = trainer.gradient_clip_val
+        title += f", clip {clip:g}" if isinstance(clip, (int, float)) else ", no clipping"
         plot_ppl_curves({"": self.curves}, self.path, title, mark_best=True)
         for lg in wandb_loggers(trainer.loggers):
             import wandb

@@ -344,12 +344,13 @@ def plot_ppl_curves(
                 ax.annotate(
                     f"best {best:.3f} (epoch {epoch})",
                     (epoch, best),
-                    xytext=(0, -16),
+                    xytext=(0, 14),
                     textcoords="offset points",
                     ha="center",
-                    va="top",
+                    va="bottom",
                     fontsize=9,
                     color=line.get_color(),
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
                 )
     values = [v for line in ax.lines for v in line.get_ydata() if math.isfinite(v) and v > 0]
     wide = bool(values) and max(values) / min(values) > 4  # a log axis labels too few ticks on a narrow range
@@ -357,8 +358,11 @@ def plot_ppl_curves(
     if wide:
         ax.set_yscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 12 rather than 1.2x10^1
+        # between the decades only 2, 3 and 5 (20, 30, 50...) when the axis spans more than one: no crowded labels
+        few = max(values) / min(values) > 12
+        minor = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if not few or f"{v:e}"[0] in "235" else "")
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_minor_formatter(minor)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(y=0.12)  # room for the best point's label
