@@ -31,6 +31,7 @@ NOISE = [
     "sync_dist",
     "Trainer.fit` stopped",
     "Initializing distributed",
+    "Restored all states",
     "distributed_backend=",
 ]
 # The d2l_classic shape (8 batches an epoch, log_every_n_steps must fit), tiny hidden size, validation every epoch.

@@ -26,6 +26,8 @@ NOISY_INFO = (
     # fabric/utilities/distributed.py: DDP start-up chatter; every rank's `rank r/W config` line says it better
     "Initializing distributed: GLOBAL_RANK",
     "-" * 100 + "\ndistributed_backend=",
+    # checkpoint_connector.py: the second of its two lines on resume ("Restoring states from ..." stays)
+    "Restored all states from the checkpoint at ",
     # checkpoint_connector.py: on every trainer.save_checkpoint() without weights_only (the interrupt's last.ckpt)
     "`weights_only` was not set, defaulting to `False`.",
 )
