@@ -68,6 +68,9 @@ def test_read_run_full_and_cli(run_folder):
     r = subprocess.run([*cli, str(run_dir), "--full"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout) == json.loads(json.dumps(full))
     r = subprocess.run([*cli, str(out / "csv")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stdout.strip() == (
-        f"error: {out / 'csv'} holds no W&B run (run-*.wandb): pass <run folder>/wandb/offline-run-..."
+    assert (
+        r.returncode == 2
+        and not r.stdout
+        and r.stderr.strip()
+        == (f"error: {out / 'csv'} holds no W&B run (run-*.wandb): pass <run folder>/wandb/offline-run-...")
     )

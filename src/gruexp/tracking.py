@@ -12,6 +12,7 @@ import math
 import netrc
 import os
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -377,3 +378,30 @@ def plot_ppl_curves(
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gruexp.tracking <offline run folder> [--full]`: print a run's summary (or all of it, as JSON)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Read an offline W&B run without uploading it.")
+    p.add_argument("run", type=Path, help="outputs/.../wandb/offline-run-... (or the gruexp run folder holding it)")
+    p.add_argument("--full", action="store_true", help="print every config key, history row and summary value (JSON)")
+    args = p.parse_args(argv)
+    folder = args.run
+    if not list(folder.glob("run-*.wandb")):
+        runs = offline_runs(folder)
+        if not runs:
+            print(
+                f"error: {folder} holds no W&B run (run-*.wandb): pass <run folder>/wandb/offline-run-...",
+                file=sys.stderr,
+            )
+            return 2
+        folder = runs[-1]
+    run = read_run(folder, full=args.full)
+    print(json.dumps(run, indent=1) if args.full else run)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
