@@ -3,8 +3,9 @@
 python scripts/report.py outputs/train/multirun/<sweep>            [--no-wandb]
 
 Reads every job folder's summary.json and csv/metrics.csv (the CSV logger's history), writes into the sweep folder
-report.md, val_ppl_curves.png, val_ppl_heatmap.png (hidden size x lr, one panel per model and clip value) and
-tokens_per_sec.png. Jobs that diverged or failed are listed as such, last.
+report.md and the plots its data supports: val_ppl_curves.png (val/ppl per epoch, when a job has 2 or more epochs),
+val_ppl_heatmap.png (hidden size x lr per model and clip, when that is a grid of >= 2 x >= 2) and tokens_per_sec.png.
+Jobs that diverged or failed are listed as such, last.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _fmt(v: Any, key: str) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return "—"
-        return f"{v:.0f}" if key == "tokens/sec" else f"{v:.3f}" if "ppl" in key else f"{v:g}"
+        return f"{v:,.0f}" if key == "tokens/sec" else f"{v:.3f}" if "ppl" in key else f"{v:g}"
     return str(v)
 
 
@@ -125,8 +126,8 @@ def label(job: dict[str, Any]) -> str:
     return f"#{job['job']} {job['model']} h{job['hidden']} lr{job['lr']:g} clip{_fmt(job['clip'], 'clip')}"
 
 
-def write_markdown(sweep: Path, jobs: list[dict[str, Any]]) -> Path:
-    """report.md: the jobs table sorted by val/ppl, then the plots."""
+def write_markdown(sweep: Path, jobs: list[dict[str, Any]], images: list[Path]) -> Path:
+    """report.md: the jobs table sorted by val/ppl, then the plots that were drawn (and why others were not)."""
     lines = [
         f"# Sweep report: {sweep.name}",
         "",
@@ -139,28 +140,93 @@ def write_markdown(sweep: Path, jobs: list[dict[str, Any]]) -> Path:
     for j in ranked(jobs):
         status = j["status"] if j["status"] == "completed" else f"**{j['status']}**"
         lines.append("| " + " | ".join(_fmt(j[c], c) if c != "status" else status for c in COLUMNS) + " |")
-    lines += ["", *(f"![{p}]({p})" for p in PLOTS), ""]
+    for p in images:
+        lines += ["", f"![{p.name}]({p.name})"]
+    drawn = {p.name for p in images}
+    if PLOTS[0] not in drawn:
+        lines += ["", "No perplexity curves: no job validated on 2 or more epochs (the table has each job's value)."]
+    if PLOTS[1] not in drawn:
+        lines += ["", "No heat map: no model and clip value was run on a grid of >= 2 hidden sizes x >= 2 lrs."]
+    lines.append("")
     path = sweep / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
-def plot_heatmap(jobs: list[dict[str, Any]], path: Path) -> Path:
-    """val/ppl over hidden size (rows) x lr (columns), one panel per (model, clip); blank cells name the failure."""
+def _val_curve(job: dict[str, Any]) -> list[tuple[int, float]]:
+    return [(e, v) for e, v in job["history"]["val/ppl"] if math.isfinite(v)]
+
+
+def curve_lines(jobs: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """The lines of val_ppl_curves.png: legend label -> (epoch, val/ppl) points, best last val/ppl first.
+
+    Jobs whose curves are equal to 4 significant digits (torch and fused at one seed, say) share one line whose
+    label names them all, so that no curve hides another without a word. Empty when no job has 2 epochs.
+    """
+    curves = [(j, _val_curve(j)) for j in jobs]
+    if max((len(c) for _, c in curves), default=0) < 2:
+        return {}
+    same: dict[tuple, list[tuple[dict[str, Any], list]]] = defaultdict(list)
+    for job, curve in curves:
+        if curve:
+            same[tuple((e, float(f"{v:.4g}")) for e, v in curve)].append((job, curve))
+    lines = {}
+    for group in sorted(same.values(), key=lambda g: g[0][1][-1][1]):
+        names = [label(j) for j, _ in group]
+        name = names[0] if len(names) == 1 else " = ".join(names) + " (identical)"
+        lines[f"{name}: {group[0][1][-1][1]:.3f}"] = group[0][1]
+    return lines
+
+
+def plot_curves(jobs: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """val/ppl per epoch, one line per job (see curve_lines); None (no plot) when no job has 2 epochs."""
+    lines = curve_lines(jobs)
+    if not lines:
+        return None
+    return plot_ppl_curves({k: {"val/ppl": v} for k, v in lines.items()}, path, title)
+
+
+def _grid_panels(jobs: list[dict[str, Any]]) -> dict[tuple, dict[tuple, dict]]:
+    """Per (model, clip), the jobs by (hidden, lr), keeping only panels with >= 2 hidden sizes and >= 2 lrs."""
     panels: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
     for j in jobs:
         panels[(j["model"], j["clip"])][(j["hidden"], j["lr"])] = j  # a repeated cell keeps the later job
+    return {
+        k: cells for k, cells in panels.items() if min(len({h for h, _ in cells}), len({lr for _, lr in cells})) >= 2
+    }
+
+
+def plot_heatmap(jobs: list[dict[str, Any]], path: Path) -> Path | None:
+    """val/ppl over hidden size (rows) x lr (columns), one panel per (model, clip) that is a grid (>= 2 x 2).
+
+    None (no plot) when no panel is a grid: a 1 x N heat map says nothing the table does not. Blank cells name the
+    failure; the best cell of each panel is framed.
+    """
+    panels = _grid_panels(jobs)
+    if not panels:
+        return None
     keys = sorted(panels, key=lambda k: (str(k[0]), _num(k[1])))
-    finite = [j["val/ppl"] for j in jobs if math.isfinite(j["val/ppl"])]
+    finite = [j["val/ppl"] for k in keys for j in panels[k].values() if math.isfinite(j["val/ppl"])]
     norm = LogNorm(min(finite), max(finite) * 1.0001) if finite else None
-    fig, axes = plt.subplots(1, len(keys), figsize=(1.5 + 3.6 * len(keys), 3.8), dpi=110, squeeze=False)
+    widest = max(len({lr for _, lr in panels[k]}) for k in keys)
+    fig, axes = plt.subplots(
+        1,
+        len(keys),
+        figsize=(1.6 + (1.2 + 1.1 * widest) * len(keys), 4.2),
+        dpi=110,
+        squeeze=False,
+        layout="constrained",
+    )
     image = None
-    for ax, key in zip(axes[0], keys, strict=True):
+    for i, (ax, key) in enumerate(zip(axes[0], keys, strict=True)):
         cells = panels[key]
         hiddens = sorted({h for h, _ in cells})
         lrs = sorted({lr for _, lr in cells})
         grid = [[cells.get((h, lr), {}).get("val/ppl", math.nan) for lr in lrs] for h in hiddens]
         image = ax.imshow(grid, cmap="viridis_r", norm=norm, aspect="auto")
+        best = min(
+            ((v, r, c) for r, row in enumerate(grid) for c, v in enumerate(row) if math.isfinite(v)), default=None
+        )
         for r, h in enumerate(hiddens):
             for c, lr in enumerate(lrs):
                 job, v = cells.get((h, lr)), grid[r][c]
@@ -169,37 +235,75 @@ def plot_heatmap(jobs: list[dict[str, Any]], path: Path) -> Path:
                 ok = math.isfinite(v) and norm is not None
                 shade = sum(image.cmap(norm(v))[:3]) / 3 if ok else 1.0  # dark cell: white text
                 text = _fmt(v, "val/ppl") if ok else job["status"]
-                ax.text(c, r, text, ha="center", va="center", fontsize=9, color="white" if shade < 0.5 else "black")
+                color = "white" if shade < 0.5 else "black"
+                ax.text(c, r, text, ha="center", va="center", fontsize=10, color=color)
+        if best is not None:
+            _, r, c = best
+            ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
         ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_yticks(range(len(hiddens)), [str(h) for h in hiddens])
-        ax.set(xlabel="lr", ylabel="hidden size", title=f"val/ppl: {key[0]}, clip {_fmt(key[1], 'clip')}")
+        ax.set_xlabel("lr")
+        if i == 0:
+            ax.set_ylabel("hidden size")
+        ax.set_title(f"{key[0]}, clip {_fmt(key[1], 'clip')}", fontsize=11)
+    fig.suptitle("val/ppl by hidden size and learning rate", fontsize=12)
     if image is not None and norm is not None:
-        bar = fig.colorbar(image, ax=axes[0].tolist(), label="val/ppl (lower is better)")
+        bar = fig.colorbar(image, ax=axes[0].tolist(), label="val/ppl (lower is better; red: best)", shrink=0.9)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         bar.ax.yaxis.set_major_formatter(plain)
         bar.ax.yaxis.set_minor_formatter(plain)
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def plot_throughput(jobs: list[dict[str, Any]], path: Path) -> Path:
-    """tokens/sec per variant (model and hidden size), the mean over that variant's completed jobs, with its range."""
+def thousands(v: float, _pos: Any = None) -> str:
+    """An axis tick or label as a whole number with thousands separators: 82,179."""
+    return f"{v:,.0f}"
+
+
+def throughput_bars(jobs: list[dict[str, Any]]) -> list[tuple[str, float, tuple[float, float] | None]]:
+    """tokens_per_sec.png's bars: (label, mean tokens/sec, (min, max) or None) per variant (model, hidden size).
+
+    The range (whiskers) only for a variant that ran several jobs; the job count is named when any did.
+    """
     groups: dict[tuple, list[float]] = defaultdict(list)
     for j in jobs:
         if math.isfinite(j["tokens/sec"]):
             groups[(str(j["model"]), j["hidden"])].append(j["tokens/sec"])
-    keys = sorted(groups, key=lambda k: (k[0], _num(k[1])))
-    means = [sum(groups[k]) / len(groups[k]) for k in keys]
-    err = [
-        [m - min(groups[k]) for k, m in zip(keys, means, strict=True)],
-        [max(groups[k]) - m for k, m in zip(keys, means, strict=True)],
-    ]
-    fig, ax = plt.subplots(figsize=(2 + 1.2 * max(len(keys), 2), 4), dpi=110)
-    bars = ax.bar([f"{m}\nh{h}" for m, h in keys], means, yerr=err, capsize=4, color="tab:blue")
-    ax.bar_label(bars, [f"{m:,.0f}" for m in means], fontsize=8, padding=2)
-    ax.set(ylabel="training tokens/sec", title="tokens/sec per variant\n(mean over its jobs; whiskers: min to max)")
-    ax.title.set_fontsize(10)
+    several = any(len(v) > 1 for v in groups.values())
+    bars = []
+    for key in sorted(groups, key=lambda k: (k[0], _num(k[1]))):
+        v = groups[key]
+        count = f"\n{len(v)} job{'s' if len(v) > 1 else ''}" if several else ""
+        bars.append((f"{key[0]}\nh{key[1]}{count}", sum(v) / len(v), (min(v), max(v)) if len(v) > 1 else None))
+    return bars
+
+
+def plot_throughput(jobs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training tokens/sec per variant (see throughput_bars); None when no job has a throughput."""
+    bars = throughput_bars(jobs)
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(2.2 + 1.3 * max(len(bars), 2), 4.2), dpi=110)
+    drawn = ax.bar([b[0] for b in bars], [b[1] for b in bars], color="tab:blue")
+    ranged = [(rect, mean, r) for rect, (_, mean, r) in zip(drawn, bars, strict=True) if r is not None]
+    if ranged:
+        ax.errorbar(
+            [rect.get_x() + rect.get_width() / 2 for rect, _, _ in ranged],
+            [mean for _, mean, _ in ranged],
+            yerr=[[mean - r[0] for _, mean, r in ranged], [r[1] - mean for _, mean, r in ranged]],
+            fmt="none",
+            ecolor="black",
+            capsize=5,
+        )
+    # inside the bars when whiskers stand on their tops, above them otherwise
+    where = {"label_type": "center", "color": "white"} if ranged else {"padding": 3}
+    ax.bar_label(drawn, [thousands(b[1]) for b in bars], fontsize=9, **where)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(thousands))
+    ax.set(ylabel="training tokens/sec")
+    what = "mean over its jobs; whiskers: min to max" if ranged else "one job each"
+    ax.set_title(f"training tokens/sec per variant\n({what})", fontsize=10)
     ax.margins(y=0.15)
     fig.tight_layout()
     fig.savefig(path)
@@ -234,15 +338,22 @@ def log_to_wandb(sweep: Path, jobs: list[dict[str, Any]], images: list[Path]) ->
 
 
 def report(sweep: Path, use_wandb: bool | None = None) -> Path:
-    """Write report.md and the plots into the sweep folder; log them to W&B when it is on. Returns report.md."""
+    """Write report.md and the plots that fit the sweep's data into its folder; log them to W&B when it is on.
+
+    Curves need a job with 2 or more validation epochs, the heat map a grid (>= 2 hidden sizes x >= 2 lrs); a plot
+    an earlier report wrote that no longer fits is removed, so the folder never shows a stale one. Returns report.md.
+    """
     jobs = find_jobs(sweep)
-    curves = {label(j): {"val/ppl": j["history"]["val/ppl"]} for j in jobs}
-    images = [
-        plot_ppl_curves(curves, sweep / PLOTS[0], f"validation perplexity per job ({sweep.name})"),
+    made = [
+        plot_curves(jobs, sweep / PLOTS[0], f"validation perplexity per epoch ({sweep.name})"),
         plot_heatmap(jobs, sweep / PLOTS[1]),
         plot_throughput(jobs, sweep / PLOTS[2]),
     ]
-    path = write_markdown(sweep, jobs)
+    for name, image in zip(PLOTS, made, strict=True):
+        if image is None:
+            (sweep / name).unlink(missing_ok=True)
+    images = [p for p in made if p is not None]
+    path = write_markdown(sweep, jobs, images)
     if (wandb_is_on(sweep) if use_wandb is None else use_wandb) and wandb_mode() != "disabled":
         log_to_wandb(sweep, jobs, images)
     return path
@@ -260,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} and {', '.join(PLOTS)}")
+    drawn = [p for p in PLOTS if (args.sweep / p).is_file()]
+    print(f"wrote {path}" + (f" and {', '.join(drawn)}" if drawn else ""))
     return 0
 
 

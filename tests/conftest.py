@@ -1,4 +1,4 @@
-"""Shared fixtures: the corpus from $GRUEXP_DATA_DIR (../shared/data by default) and tiny Hydra configs."""
+"""Shared fixtures: the corpus ($GRUEXP_DATA_DIR, else the user cache, else ../shared/data) and tiny Hydra configs."""
 
 from __future__ import annotations
 
@@ -24,8 +24,22 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-# Absolute, so that processes the tests start in other folders find the corpus too.
-os.environ["GRUEXP_DATA_DIR"] = str(Path(os.environ.get("GRUEXP_DATA_DIR", ROOT.parent / "shared" / "data")).resolve())
+
+
+def _data_dir() -> Path:
+    """Where the tests find d2l's corpus: $GRUEXP_DATA_DIR when set, else where README's training run put it (the
+    user cache, gruexp.cache_dir()), else ../shared/data beside the checkout. Absolute, so that processes the tests
+    start in other folders find it too; the corpus_path fixture fails with the fix when none holds the file."""
+    from gruexp import cache_dir
+
+    if os.environ.get("GRUEXP_DATA_DIR"):
+        return Path(os.environ["GRUEXP_DATA_DIR"]).expanduser().resolve()
+    places = [cache_dir(), ROOT.parent / "shared" / "data"]
+    return next((p.resolve() for p in places if (p / "timemachine.txt").is_file()), places[0])
+
+
+_GIVEN = bool(os.environ.get("GRUEXP_DATA_DIR"))
+os.environ["GRUEXP_DATA_DIR"] = str(_data_dir())
 os.environ.setdefault("WANDB_MODE", "offline")
 # One thread per process, inherited by every process a test starts: tiny models gain nothing from more, and two
 # processes (DDP) on 2 cores must not oversubscribe them (OpenMP's spin-waits then slow everything 100-fold).
@@ -48,7 +62,12 @@ TINY = [
 def corpus_path() -> Path:
     p = Path(os.environ["GRUEXP_DATA_DIR"]) / "timemachine.txt"
     if not p.is_file():
-        pytest.fail(f"the tests need d2l's corpus at {p}: set GRUEXP_DATA_DIR to the folder holding it")
+        where = "GRUEXP_DATA_DIR" if _GIVEN else "the user cache (where `python -m gruexp.train` downloads it)"
+        pytest.fail(
+            f"the tests need d2l's corpus (timemachine.txt) and {where} has none at {p}: run `python -m gruexp.train "
+            "trainer.max_epochs=1` once to download it, or set GRUEXP_DATA_DIR to the folder holding it",
+            pytrace=False,
+        )
     return p
 
 

@@ -68,7 +68,7 @@ def test_report_table_sorted_by_val_ppl_with_failures_last(sweep):
     for r in body[:3]:
         s = summaries[r[0].strip("| ")]
         assert r[1:5] == ["torch", str(s["hidden_size"]), f"{s['lr']:g}", "1"]
-        assert (r[5], r[6], r[7]) == (f"{s['val_ppl']:.3f}", f"{s['train_ppl']:.3f}", f"{s['tokens_per_sec']:.0f}")
+        assert (r[5], r[6], r[7]) == (f"{s['val_ppl']:.3f}", f"{s['train_ppl']:.3f}", f"{s['tokens_per_sec']:,.0f}")
         assert r[-1].strip(" |") == "completed"
     assert body[3][5] == "—" and body[3][-1].strip(" |") == "**diverged**"
     assert body[4][1:5] == ["fused", "16", "1", "1"] and body[4][-1].strip(" |") == "**failed**"

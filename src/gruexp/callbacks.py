@@ -1,4 +1,4 @@
-"""What Lightning lacks: progress quiet in logs, a run's perplexity-curve PNG, W&B sample tables and summary."""
+"""What Lightning lacks: a one-line bar and per-epoch log lines (epochs from 1), ppl.png, W&B sample tables."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, RichProgressBar
 
 from gruexp.tracking import plot_ppl_curves, wandb_loggers
 
@@ -24,16 +24,114 @@ def _metric(trainer: L.Trainer, key: str) -> float:
     return float(v) if v is not None else math.nan
 
 
-class MetricsBar(RichProgressBar):
-    """Lightning's Rich bar showing only epoch, train/ppl, val/ppl and tokens/sec (short names, no v_num)."""
+def fmt_metric(key: str, value: float) -> str:
+    """How a metric reads on the console: perplexities to 3 decimals, tokens/sec a whole number with separators."""
+    return f"{value:,.0f}" if "tokens" in key or key == "tok/s" else f"{value:.3f}"
+
+
+class _EpochTracking:
+    """Mixed into both progress displays: 1-based epochs and the epoch of the latest validation.
+
+    Epochs are counted from 1 everywhere a user reads them (bar, log lines, samples, plots); Lightning's
+    `current_epoch` is 0-based while an epoch runs and equals the number of finished epochs between them.
+    """
+
+    _val_epoch = 0  # 1-based epoch of the latest validation; 0: none yet
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._val_epoch = trainer.current_epoch + 1
+
+    def _val_is_fresh(self, finished_epoch: int) -> bool:
+        """True when validation ran at the end of `finished_epoch` (1-based), i.e. val/ppl is that epoch's."""
+        return self._val_epoch == finished_epoch
+
+
+class MetricsBar(_EpochTracking, RichProgressBar):
+    """Lightning's Rich bar on one 120-column line: epoch (from 1), batches, time, train ppl, val ppl, tokens/sec.
+
+    No validation bar (it is short and left stale lines behind); log lines and warnings print above the bar.
+    """
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self._finished = 0
+        self._restore: list[tuple[logging.StreamHandler, Any]] = []
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        # Lightning's columns less the batches/sec one (tok/s says it better), with a 20-column bar
+        columns = super().configure_columns(trainer)[:-1]
+        columns[1].bar_width = 20
+        return columns
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"Epoch {current_epoch + 1}" + (f"/{self.trainer.max_epochs}" if self.trainer.max_epochs else "")
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        return {short: items[k] for k, short in BAR_KEYS.items() if k in items}
+        out = {short: fmt_metric(short, float(items[k])) for k, short in BAR_KEYS.items() if k in items}
+        if "val_ppl" in out and self._val_epoch and not self._val_is_fresh(self._finished):
+            out["val_ppl"] += f" (ep {self._val_epoch})"  # an older epoch's: say which
+        return out
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finished = trainer.current_epoch  # epochs finished so far: the 1-based number of the last one
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finished = trainer.current_epoch + 1  # this one (its validation, if any, has run)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    # The validation pass gets no bar of its own.
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+        if trainer.state.fn != "fit":
+            super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+        if trainer.state.fn != "fit":
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _EpochTracking.on_validation_end(self, trainer, pl_module)
+        RichProgressBar.on_validation_end(self, trainer, pl_module)
+
+    # Rich redirects sys.stdout/sys.stderr while the bar is live, so that what is printed goes above it; logging's
+    # handlers hold the original streams and would write into the bar's line instead. Point them at Rich's proxy
+    # while the bar lives.
+    def _init_progress(self, trainer: L.Trainer) -> None:
+        before = {id(sys.stdout): "stdout", id(sys.stderr): "stderr"}
+        super()._init_progress(trainer)
+        if self._restore or not self.progress:
+            return
+        for handler in _console_handlers():
+            which = before.get(id(handler.stream))
+            proxy = getattr(sys, which) if which else None
+            if proxy is not None and proxy is not handler.stream:
+                self._restore.append((handler, handler.setStream(proxy)))
+
+    def _stop_progress(self) -> None:
+        super()._stop_progress()
+        for handler, stream in self._restore:
+            handler.setStream(stream)
+        self._restore = []
 
 
-class EpochLines(ProgressBar):
-    """The progress display for non-interactive logs (Slurm, CI, `> log`): one line per epoch, no carriage returns."""
+def _console_handlers() -> list[logging.StreamHandler]:
+    """The stream (not file) handlers of the root logger and of Lightning's own loggers."""
+    loggers = [logging.getLogger(), logging.getLogger("lightning.pytorch"), logging.getLogger("lightning.fabric")]
+    return [
+        h
+        for lg in loggers
+        for h in lg.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+
+
+class EpochLines(_EpochTracking, ProgressBar):
+    """The progress display for non-interactive logs (Slurm, CI, `> log`): one line per epoch, no carriage returns.
+
+    `epoch 3/30 | train/ppl 9.043 | val/ppl 9.560 | tokens/sec 57,727`; val/ppl only after epochs that validated.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,10 +158,28 @@ class EpochLines(ProgressBar):
     def _line(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self._enabled and trainer.is_global_zero):
             return
+        epoch = trainer.current_epoch  # between epochs: the number of finished ones, i.e. the 1-based last one
         m = self.get_metrics(trainer, pl_module)
-        parts = [f"epoch {trainer.current_epoch}/{trainer.max_epochs}"]
-        parts += [f"{k} {float(m[k]):.{0 if 'tokens' in k else 3}f}" for k in BAR_KEYS if k in m]
+        names = {"train/ppl": "train/ppl", "val/ppl": "val/ppl", "train/tokens_per_sec": "tokens/sec"}
+        parts = [f"epoch {epoch}/{trainer.max_epochs}"]
+        for key, name in names.items():
+            if key in m and (key != "val/ppl" or self._val_is_fresh(epoch)):
+                parts.append(f"{name} {fmt_metric(name, float(m[key]))}")
         log.info(" | ".join(parts))
+
+
+class ParameterCount(ModelSummary):
+    """Lightning's model summary as one line, `model fused: 226,844 parameters`, instead of its table.
+
+    Being a ModelSummary, it takes the place of the one Lightning adds (trainer.enable_model_summary); Lightning's
+    table is `callbacks.model_summary=null` away, or `_target_: lightning.pytorch.callbacks.ModelSummary` for depth.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            n = sum(p.numel() for p in pl_module.parameters())
+            name = getattr(pl_module, "hparams", {}).get("name", type(pl_module).__name__)
+            log.info("model %s: %s parameters", name, f"{n:,}")
 
 
 def progress(enabled: bool = True, refresh_rate: int = 1) -> Callback:
@@ -75,6 +191,15 @@ def progress(enabled: bool = True, refresh_rate: int = 1) -> Callback:
     if not enabled:
         return Callback()
     return MetricsBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLines()
+
+
+def _lr(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """The configured learning rate (a scheduler's start value), as the sweep table writes it."""
+    lr = getattr(getattr(pl_module, "optimizer", None), "keywords", {}).get("lr")  # Hydra's partial optimizer
+    if lr is None and trainer.optimizers:
+        group = trainer.optimizers[0].param_groups[0]
+        lr = group.get("initial_lr", group.get("lr"))
+    return f"{lr:g}" if isinstance(lr, (int, float)) else "?"
 
 
 class PerplexityCurve(Callback):
@@ -96,8 +221,10 @@ class PerplexityCurve(Callback):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         hp = pl_module.hparams
-        title = f"{hp.get('name', '')} hidden {hp.get('hidden_size', '')}"
-        plot_ppl_curves({"": self.curves}, self.path, title)
+        title = f"{hp.get('name', '')}, hidden {hp.get('hidden_size', '')}, lr {_lr(trainer, pl_module)}"
+        clip = trainer.gradient_clip_val
+        title += f", clip {clip:g}" if isinstance(clip, (int, float)) else ", no clipping"
+        plot_ppl_curves({"": self.curves}, self.path, title, mark_best=True)
         for lg in wandb_loggers(trainer.loggers):
             import wandb
 

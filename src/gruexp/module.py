@@ -272,7 +272,7 @@ class CharLM(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.sample = self.predict(self.hparams.sample_prefix, self.hparams.sample_chars)
             if self.trainer.is_global_zero:
-                log.info("epoch %d sample: %s", self.current_epoch, self.sample)
+                log.info("epoch %d sample: %s", self.current_epoch + 1, self.sample)  # 1-based, as the log lines
 
     def on_test_start(self) -> None:
         pin_memory(self.trainer.test_dataloaders, self.device)

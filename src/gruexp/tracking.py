@@ -12,6 +12,7 @@ import math
 import netrc
 import os
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,103 @@ def _item_key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_run(folder: str | Path) -> dict[str, Any]:
-    """An offline run folder's run info, config, history rows and summary, as wandb recorded them."""
+# config keys a reader looks for first (the rest stays in run["config"])
+SUMMARY_CONFIG = (
+    "model.name",
+    "model.hidden_size",
+    "model.num_layers",
+    "optimizer.lr",
+    "trainer.gradient_clip_val",
+    "trainer.max_epochs",
+    "trainer.devices",
+    "trainer.precision",
+    "data.batch_size",
+    "data.num_steps",
+    "data.max_tokens",
+    "data.partition",
+    "seed",
+)
+
+
+class Run(dict):
+    """An offline run as read back: a dict with `run`, `config`, `history` and `summary`, printed as a short summary.
+
+    `print(read_run(path))` shows the run, its key config, final metrics and the history's length; the whole data is
+    in the keys (`run["history"]`...) and `read_run(path, full=True)` (or `python -m gruexp.tracking PATH --full`).
+    """
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+    __str__ = __repr__
+
+    def describe(self) -> str:
+        """A few lines: which run, its key config, final metrics, history length and keys, the sample."""
+        r, hist, summary = self["run"], self["history"], self["summary"]
+        flat = _flatten(self["config"])
+        media = _media_prefixes([*summary, *(k for row in hist for k in row)])
+        tags = f", tags {','.join(r['tags'])}" if r.get("tags") else ""
+        config = " ".join(f"{k}={flat[k]}" for k in SUMMARY_CONFIG if flat.get(k) is not None)
+        final = {k: v for k, v in summary.items() if _is_metric(k, v) and not k.startswith(media)}
+        keys = sorted({k for row in hist for k in row if _is_metric(k, 0.0) and not k.startswith(media)})
+        epochs = {row["epoch"] for row in hist if "epoch" in row}
+        lines = [
+            f"W&B run {r.get('name')} (id {r.get('id')}, project {r.get('project')}, group {r.get('group') or '-'}, "
+            f"job type {r.get('job_type') or '-'}{tags})",
+            f"config: {config} ({len(flat)} keys in all)",
+            "final: " + " | ".join(f"{k} {_fmt(k, v)}" for k, v in sorted(final.items())),
+            f"history: {len(hist)} rows, {len(epochs)} epochs: {', '.join(keys)}",
+            f"media: {', '.join(sorted(p.rstrip('/') for p in media))}" if media else "",
+            f"sample: {summary['sample']}" if isinstance(summary.get("sample"), str) else "",
+            "(everything: run['config'], run['history'], run['summary']; read_run(path, full=True) for a plain dict)",
+        ]
+        return "\n".join(_wrap(line) for line in lines if line)
+
+
+def _wrap(line: str, width: int = 120) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent="  ", break_on_hyphens=False)) or line
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _media_prefixes(keys: list[str]) -> tuple[str, ...]:
+    """`plots/ppl/`, `val/samples/`: the images and tables, whose fields (`.../_type`, `.../size`) are no metrics."""
+    return tuple(sorted({k.rsplit("/_type", 1)[0] + "/" for k in keys if k.endswith("/_type")}))
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    if key.startswith("_") or key in ("sample", "epoch", "trainer/global_step") or "/_" in key:
+        return False
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        or (isinstance(value, Mapping) and all(isinstance(v, (int, float)) for v in value.values()))
+    )
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, Mapping):  # define_metric summaries, e.g. val/ppl {min, last}
+        return " ".join(f"{k} {_fmt(key, v)}" for k, v in value.items())
+    if "tokens" in key:
+        return f"{value:,.0f}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def read_run(folder: str | Path, full: bool = False) -> dict[str, Any]:
+    """An offline run folder's run info, config, history rows and summary, as wandb recorded them.
+
+    Returns a `Run` (a dict that prints as a short summary); `full=True` returns a plain dict, printed whole.
+    """
     (path,) = Path(folder).glob("run-*.wandb")
     out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}}
     for r in iter_records(path):
@@ -197,7 +293,7 @@ def read_run(folder: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             out["summary"].update({_item_key(i): json.loads(i.value_json) for i in r.summary.update if _item_key(i)})
     out["config"].pop("_wandb", None)
-    return out
+    return out if full else Run(out)
 
 
 def offline_runs(run_dir: str | Path) -> list[Path]:
@@ -206,8 +302,24 @@ def offline_runs(run_dir: str | Path) -> list[Path]:
 
 
 # --- plots -------------------------------------------------------------------------------------------------------
-def plot_ppl_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]], path: str | Path, title: str) -> Path:
-    """Perplexity against epoch, one line per (label, metric), log scale; written as a PNG (Agg, no display)."""
+def best_point(points: list[tuple[int, float]]) -> tuple[int, float]:
+    """The (epoch, value) of the lowest finite perplexity, the first such epoch on a tie (ModelCheckpoint's choice)."""
+    finite = [(e, v) for e, v in points if math.isfinite(v)]
+    if not finite:
+        raise ValueError("no finite perplexity to mark")
+    return min(finite, key=lambda p: p[1])
+
+
+def plot_ppl_curves(
+    curves: Mapping[str, Mapping[str, list[tuple[int, float]]]],
+    path: str | Path,
+    title: str,
+    mark_best: bool = False,
+) -> Path:
+    """Perplexity against epoch (from 1), one line per (label, metric), log scale; written as a PNG (Agg, no display).
+
+    `mark_best` circles each val/ppl curve's lowest point and names its value and epoch (the best checkpoint's).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,23 +327,81 @@ def plot_ppl_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]],
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    n = 0
     for label, metrics in curves.items():
         for metric, points in metrics.items():
             points = [(e, v) for e, v in points if math.isfinite(v)]
-            if points:
-                style = "--" if metric.startswith("train") else "-"
-                name = f"{label} {metric}" if len(metrics) > 1 else label
-                ax.plot(*zip(*points, strict=True), style, marker="." if len(points) < 40 else None, label=name)
-    ax.set(xlabel="epoch", ylabel="perplexity", title=title)
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 12 rather than 1.2x10^1
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+            if not points:
+                continue
+            style = "--" if metric.startswith("train") else "-"
+            name = f"{label} {metric}".strip() if len(metrics) > 1 else label
+            # the 10 colours repeat after 10 lines: the marker tells the repeats apart
+            marker = ".osD^v"[n // 10 % 6] if len(points) < 40 else None
+            (line,) = ax.plot(*zip(*points, strict=True), style, marker=marker, ms=4 if n >= 10 else 6, label=name)
+            n += 1
+            if mark_best and metric.startswith("val"):
+                epoch, best = best_point(points)
+                ax.plot([epoch], [best], "o", ms=11, mfc="none", mec=line.get_color(), mew=2)
+                ax.annotate(
+                    f"best {best:.3f} (epoch {epoch})",
+                    (epoch, best),
+                    xytext=(0, 14),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                    color=line.get_color(),
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
+                )
+    values = [v for line in ax.lines for v in line.get_ydata() if math.isfinite(v) and v > 0]
+    # a log axis only where perplexity spans over a decade (d2l_classic: 1 to 200); on a narrower range it would
+    # label too few ticks
+    wide = bool(values) and max(values) / min(values) > 20
+    ax.set(xlabel="epoch", ylabel="perplexity (log scale)" if wide else "perplexity", title=title)
+    if wide:
+        ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 12 rather than 1.2x10^1
+        # between the decades only 2, 3 and 5 (20, 30, 50...): no crowded labels
+        minor = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "235" else "")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(minor)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, ncol=1 + len(ax.lines) // 12)
+    ax.margins(y=0.12)  # room for the best point's label
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries > 5:  # beside the plot, where it covers no curve
+        fig.set_size_inches(7 + 3.5 * (1 + entries // 20), 4.5)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + entries // 20)
+    elif entries:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gruexp.tracking <offline run folder> [--full]`: print a run's summary (or all of it, as JSON)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Read an offline W&B run without uploading it.")
+    p.add_argument("run", type=Path, help="outputs/.../wandb/offline-run-... (or the gruexp run folder holding it)")
+    p.add_argument("--full", action="store_true", help="print every config key, history row and summary value (JSON)")
+    args = p.parse_args(argv)
+    folder = args.run
+    if not list(folder.glob("run-*.wandb")):
+        runs = offline_runs(folder)
+        if not runs:
+            print(
+                f"error: {folder} holds no W&B run (run-*.wandb): pass <run folder>/wandb/offline-run-...",
+                file=sys.stderr,
+            )
+            return 2
+        folder = runs[-1]
+    run = read_run(folder, full=args.full)
+    print(json.dumps(run, indent=1) if args.full else run)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

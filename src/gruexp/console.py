@@ -1,0 +1,102 @@
+"""A quiet console: only what a user reads (the config line, the progress, warnings about their run, the result).
+
+Lightning prints tips, device lines and library deprecations on every run (and every sweep job). `quiet()` drops
+exactly those known messages, each by its source (a logging filter on the Lightning logger that emits it, a warnings
+filter on its text and category), so every other warning still shows. Hydra calls it at each job's start
+(`QuietConsole` in conf/hydra/default.yaml); DDP ranks and submitit jobs start jobs of their own, so they run it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
+
+# Lightning's info lines that say nothing about the user's run (the trainer's setup, a product tip, the normal end
+# of fit, DDP start-up); matched at the start of the message, on the loggers that emit them.
+NOISY_INFO = (
+    "GPU available: ",  # lightning/pytorch/trainer/setup.py: the device choice is in the config line
+    "TPU available: ",
+    "💡 Tip: For seamless cloud logging",  # logger_connector.py: litlogger advertisement
+    "`Trainer.fit` stopped: `max_epochs=",  # fit_loop.py: the normal end; the result line follows
+    "Trainer already configured with model summary callbacks",  # gruexp's one-line ParameterCount replaces the table
+    # fabric/utilities/distributed.py: DDP start-up chatter; every rank's `rank r/W config` line says it better
+    "Initializing distributed: GLOBAL_RANK",
+    "-" * 100 + "\ndistributed_backend=",
+    # checkpoint_connector.py: the second of its two lines on resume ("Restoring states from ..." stays)
+    "Restored all states from the checkpoint at ",
+    # checkpoint_connector.py: on every trainer.save_checkpoint() without weights_only (the interrupt's last.ckpt)
+    "`weights_only` was not set, defaulting to `False`.",
+)
+
+# (category, message regex) of warnings that are not about the user's run.
+NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # torch 2.13 deprecates LeafSpec, which lightning 2.6's utilities/_pytree.py still uses
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # lightning's all_gather (CharLM's checkpoint under DDP) calls torch.distributed.nn.functional.all_gather
+    (FutureWarning, r"torch\.distributed\.nn\.functional\.all_gather is deprecated"),
+    # a resumed run writes into its own new folder by design: its checkpoints' dirpath always differs
+    (UserWarning, r"The dirpath has changed from "),
+    # train/tokens_per_sec is already summed over ranks (a synced SumMetric): sync_dist would add the ranks again
+    (Warning, r"It is recommended to use `self\.log\('train/tokens_per_sec', \.\.\., sync_dist=True\)`"),
+)
+
+
+class _DropMessages(logging.Filter):
+    """Drop records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+_FILTER = _DropMessages(NOISY_INFO)
+
+
+def quiet() -> None:
+    """Silence Lightning's known noise for this process (idempotent); every other message and warning still shows."""
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.distributed",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+    for category, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+class QuietConsole(HydraCallback):
+    """Hydra callback: `quiet()` at the start of every run and sweep job, in the process that runs it."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        quiet()
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        quiet()
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        quiet()
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`HH:MM:SS message` for INFO and below, `HH:MM:SS WARNING message` above: the console's 120 columns go to the
+    message (train.log keeps Hydra's full format with the logger name)."""
+
+    def __init__(self, datefmt: str = "%H:%M:%S") -> None:
+        super().__init__(datefmt=datefmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f" {record.levelname}" if record.levelno >= logging.WARNING else ""
+        text = f"{time.strftime(self.datefmt, self.converter(record.created))}{level} {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
