@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -295,10 +296,15 @@ class SweepOutcome(HydraCallback):
 
     OK = ("completed", "pruned")
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = time.time()  # a resumed Optuna study's folder holds earlier invocations' jobs too
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = []
         for summary in sorted(Path(str(config.hydra.sweep.dir)).glob("*/summary.json")):
             try:
+                if summary.stat().st_mtime < getattr(self, "_started", 0) - 1:
+                    continue
                 s = json.loads(summary.read_text())
             except (OSError, ValueError):
                 continue

@@ -192,10 +192,13 @@ def main(cfg: DictConfig) -> float | None:
             raise  # a bug: keep its traceback
         if not checks.is_child_rank():  # every DDP rank has the same config: rank 0 says it once
             log.error("%s", user or e)
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            # recorded in its summary.json: the sweep goes on, and faults.SweepOutcome fails it at its end, after
-            # the best of the finished jobs is printed (a raise would stop Hydra's sweepers before that)
-            return math.nan
+        hc = HydraConfig.get()
+        if hc.mode.name == "MULTIRUN" and "BasicSweeper" in str(hc.sweeper.get("_target_")):
+            # a grid sweep: recorded in its summary.json, the sweep goes on, and faults.SweepOutcome fails it at
+            # its end, after the best of the finished jobs is printed (a raise would stop the sweep before that)
+            return None
+        if hc.mode.name == "MULTIRUN":
+            raise  # other sweepers (Optuna) decide themselves what a failed trial does
         sys.exit(2 if user else faults.DIVERGED_EXIT)
     return summary["val_ppl"]  # the objective a sweeper (Optuna) minimises
 
