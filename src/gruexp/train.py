@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,13 +30,8 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a reader never sees half a file, even if the run is killed mid-write; no .tmp is left."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically (faults.atomic_write): a reader never sees half a file, a kill leaves no temporary one."""
+    faults.atomic_write(path, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
 
 
 def _describe(cfg: DictConfig) -> str:
