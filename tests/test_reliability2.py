@@ -302,10 +302,16 @@ def test_mistyped_key_names_the_closest_real_key(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_mistyped_key_in_generate(tmp_path):
-    r = run_cli("gruexp.generate", "ckpt_path=last", "num_char=5")
-    assert r.returncode == 2
-    assert r.stderr.strip() == "Error: num_char is not a key of this config: did you mean num_chars?"
+def test_mistyped_key_in_generate_and_a_target_argument_the_yaml_lacks(capsys):
+    from gruexp.checks import check_overrides  # what gruexp.generate and gruexp.train run before Hydra
+
+    for config, args, message in (
+        ("generate", ["ckpt_path=last", "num_char=5"], "num_char is not a key of this config: did you mean num_chars?"),
+        ("train", ["optimizer.momentum=0.9"], "optimizer.momentum is not a key of this config: add it with +optim"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            check_overrides(args, ROOT / "conf", config)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 # --- files ------------------------------------------------------------------------------------------------------

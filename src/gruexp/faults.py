@@ -21,10 +21,11 @@ import re
 import signal
 import sys
 import tempfile
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lightning as L
 import torch
@@ -270,46 +271,54 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(f)` on a file that becomes `path` only once whole (fsync, then os.replace): a kill leaves the old.
+
+    Where Linux's O_TMPFILE works the file has no name until it is whole, so a kill -9 mid-write leaves nothing
+    behind; elsewhere a `.<name>.<pid>.tmp` beside the target, removed on any error. A full disk is an OSError
+    naming the target.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+            named = False
+        except (AttributeError, OSError):  # not Linux, or a filesystem without O_TMPFILE
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            named = True
+        with open(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            if not named:  # linkat(AT_SYMLINK_FOLLOW), which Python uses only given a dir_fd
+                tmp.unlink(missing_ok=True)
+                dir_fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.link(f"/proc/self/fd/{f.fileno()}", tmp.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                finally:
+                    os.close(dir_fd)
+        os.replace(tmp, path)
+    except Exception as e:
+        if _find_no_space(e) is not None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a nameless file in the target's folder, fsync, name it, os.replace: a kill leaves the old file.
+    """Checkpoints written with atomic_write: a kill, even kill -9 mid-save, leaves the previous file and no other.
 
     Lightning's own save goes through an fsspec transaction whose temporary file lives in the system temp folder;
-    when that is another filesystem the final move is a copy, which a kill can truncate. Where Linux's O_TMPFILE
-    works, the file has no name until it is whole, so a kill -9 mid-save leaves nothing behind; elsewhere a
-    `.<name>.<pid>.tmp` beside the target, removed on any error. A full disk is an OSError naming the target.
+    when that is another filesystem the final move is a copy, which a kill can truncate.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote storage: fsspec's transaction is the tool there
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            try:
-                fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
-                named = False
-            except (AttributeError, OSError):  # not Linux, or a filesystem without O_TMPFILE
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                named = True
-            with open(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-                if not named:  # linkat(AT_SYMLINK_FOLLOW), which Python uses only given a dir_fd
-                    tmp.unlink(missing_ok=True)
-                    dir_fd = os.open(path.parent, os.O_RDONLY)
-                    try:
-                        os.link(f"/proc/self/fd/{f.fileno()}", tmp.name, dst_dir_fd=dir_fd, follow_symlinks=True)
-                    finally:
-                        os.close(dir_fd)
-            os.replace(tmp, path)
-        except Exception as e:
-            if _find_no_space(e) is not None:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
-            raise
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def check_devices(accelerator: str, devices: Any) -> None:
@@ -415,10 +424,15 @@ class SweepOutcome(HydraCallback):
 
     OK = ("completed", "pruned")
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = time.time()  # a resumed Optuna study's folder holds earlier invocations' jobs too
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = []
         for summary in sorted(Path(str(config.hydra.sweep.dir)).glob("*/summary.json")):
             try:
+                if summary.stat().st_mtime < getattr(self, "_started", 0) - 1:
+                    continue
                 s = json.loads(summary.read_text())
             except (OSError, ValueError):
                 continue

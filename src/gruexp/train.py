@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,13 +30,8 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a reader never sees half a file, even if the run is killed mid-write; no .tmp is left."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically (faults.atomic_write): a reader never sees half a file, a kill leaves no temporary one."""
+    faults.atomic_write(path, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
 
 
 def _describe(cfg: DictConfig) -> str:
@@ -192,10 +186,13 @@ def main(cfg: DictConfig) -> float | None:
             raise  # a bug: keep its traceback
         if not checks.is_child_rank():  # every DDP rank has the same config: rank 0 says it once
             log.error("%s", user or e)
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            # recorded in its summary.json: the sweep goes on, and faults.SweepOutcome fails it at its end, after
-            # the best of the finished jobs is printed (a raise would stop Hydra's sweepers before that)
-            return math.nan
+        hc = HydraConfig.get()
+        if hc.mode.name == "MULTIRUN" and "BasicSweeper" in str(hc.sweeper.get("_target_")):
+            # a grid sweep: recorded in its summary.json, the sweep goes on, and faults.SweepOutcome fails it at
+            # its end, after the best of the finished jobs is printed (a raise would stop the sweep before that)
+            return None
+        if hc.mode.name == "MULTIRUN":
+            raise  # other sweepers (Optuna) decide themselves what a failed trial does
         sys.exit(2 if user else faults.DIVERGED_EXIT)
     return summary["val_ppl"]  # the objective a sweeper (Optuna) minimises
 
