@@ -204,6 +204,13 @@ class GruexpOptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
+        # name the study before the launcher reads hydra.sweep.dir (submitit resolves its folder from it at once)
+        arguments = [f"{k}={v}" for k, v in self.params.items()] + list(config.hydra.overrides.task)
+        self.space, self.fixed = search_space(arguments)
+        if not self.space:
+            _refuse("hparams_search=optuna has nothing to search: give hydra.sweeper.params or a choice()/interval()")
+        self.identity = study_identity(self.space, self.fixed, self.direction, self.not_in_study_name)
+        self.name = self._name_study(self.identity)
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
@@ -220,6 +227,7 @@ class GruexpOptunaSweeper(Sweeper):
     def _open_study(self, name: str, identity: dict[str, Any]) -> tuple[optuna.Study, str]:
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweepers do; report.py reads it
         spec = self.storage or str(sweep_dir / "optuna.journal")
         storage = open_storage(spec)
         try:
@@ -279,11 +287,7 @@ class GruexpOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
-        space, fixed = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
-        if not space:
-            _refuse("hparams_search=optuna has nothing to search: give hydra.sweeper.params or a choice()/interval()")
-        identity = study_identity(space, fixed, self.direction, self.not_in_study_name)
-        name = self._name_study(identity)
+        space, fixed, identity, name = self.space, self.fixed, self.identity, self.name  # from `arguments`, in setup
         study, storage = self._open_study(name, identity)
         self._fail_stale(study)
         batch_size = self.n_jobs or int(self.config.hydra.launcher.get("array_parallelism", 1) or 1)
@@ -364,12 +368,13 @@ class GruexpOptunaSweeper(Sweeper):
         """Log the study's best trial and write optimization_results.yaml (as hydra-optuna-sweeper did)."""
         states = [t.state for t in finished(study.trials)]
         counts = ", ".join(f"{states.count(s)} {s.name.lower()}" for s in TrialState if states.count(s))
-        if TrialState.COMPLETE not in states:  # a sweep without a result must not end as if it had one
-            print(
-                f"Error: no trial of study {study.study_name} completed ({counts}): see its train.log files",
-                file=sys.stderr,
-            )
+        if TrialState.COMPLETE not in states and TrialState.PRUNED not in states:
+            # a sweep without a result must not end as if it had one
+            print(f"Error: every trial of study {study.study_name} failed: see their train.log files", file=sys.stderr)
             raise SystemExit(1)
+        if TrialState.COMPLETE not in states:
+            log.warning("study %s: %s; no trial completed, so no best trial", study.study_name, counts)
+            return
         best = study.best_trial
         log.info(
             "study %s: %s; best trial %d, %s %.4f: %s",
