@@ -1,9 +1,10 @@
 """Benchmark: the same TPE search (hidden size, lr, clipping) with and without median pruning, side by side.
 
-python scripts/bench_search.py [--trials 24] [--epochs 8] [--out outputs/bench_search/<now>]
+python scripts/bench_search.py [--trials 24] [--epochs 8] [--max-tokens 10000] [--out outputs/bench_search/<now>]
 
 Both sweeps start at once, one thread each (so load on a shared machine hits both alike), from the same sampler
-seed, over hparams_search=optuna's space on the Time Machine; each trial trains `--epochs` epochs of model=torch.
+seed, over hparams_search=optuna's space on the Time Machine; each trial trains `--epochs` epochs of model=torch
+on the first `--max-tokens` characters (validation: the corpus' last 10 %).
 Prints a markdown table (wall time, best val/ppl, trials pruned, epochs trained) and writes bench_search.json.
 The ratio of the two wall times is the measurement; absolute times depend on the machine's load (`uptime`).
 """
@@ -37,6 +38,7 @@ def command(label: str, pruner: str, args: argparse.Namespace, out: Path) -> lis
         "hparams_search=optuna",
         "model=torch",
         f"trainer.max_epochs={args.epochs}",
+        f"data.max_tokens={args.max_tokens}",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "logger=csv",
@@ -65,6 +67,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=10000, help="training characters of the Time Machine per epoch")
     p.add_argument(
         "--out", type=Path, default=ROOT / "outputs" / "bench_search" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     )
@@ -106,7 +109,10 @@ def main() -> int:
         "best_val_ppl_gap": gap,
     }
     (args.out / "bench_search.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.trials}-trial TPE search, {args.epochs} epochs per trial, model=torch, Time Machine, 1 thread each")
+    print(
+        f"{args.trials}-trial TPE search, {args.epochs} epochs of {args.max_tokens} characters per trial, "
+        "model=torch, Time Machine, both sweeps at once, 1 thread each"
+    )
     print("| pruner | wall time (s) | best val/ppl | trials pruned | epochs trained |")
     print("|---|---:|---:|---:|---:|")
     for label, s in stats.items():

@@ -177,6 +177,11 @@ def finished(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if t.state.is_finished() and t.number not in retried]
 
 
+def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The finished trials and those that another live sweeper runs now (several sweepers may share a study)."""
+    return finished(trials) + [t for t in trials if t.state == TrialState.RUNNING]
+
+
 class GruexpOptunaSweeper(Sweeper):
     """Hydra sweeper on Optuna's ask/tell API: ask a batch of trials, launch them as jobs, tell their results."""
 
@@ -300,7 +305,7 @@ class GruexpOptunaSweeper(Sweeper):
             done,
             max(0, self.n_trials - done),
         )
-        while (to_go := self.n_trials - len(finished(study.trials))) > 0:
+        while (to_go := self.n_trials - len(counted(study.trials))) > 0:
             trials = [study.ask(space) for _ in range(min(batch_size, to_go))]
             for trial in trials:
                 trial.set_user_attr("sweeper", self.owner)
