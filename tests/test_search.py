@@ -12,10 +12,17 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import matplotlib.image
 import optuna
 import pytest
-from conftest import ROOT, TINY, run_cli
+from conftest import CONF, ROOT, TINY, run_cli
+from hydra._internal.callbacks import Callbacks
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.types import HydraContext, RunMode
 from optuna.trial import TrialState
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -102,6 +109,24 @@ def test_named_study_with_another_space_is_refused(tmp_path, corpus_path):
     assert len(load(folder).trials) == 1 and sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["0"]
 
 
+def test_slurm_launcher_gets_the_study_folder_and_batches_of_its_array_size(tmp_path, monkeypatch):
+    """The sweeper names the study before the launcher resolves its folders (submitit's logs go under the study)."""
+    monkeypatch.chdir(tmp_path)
+    overrides = ["hparams_search=optuna", "model=torch", "hydra/launcher=slurm", "hydra.launcher.array_parallelism=3"]
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
+    cfg = loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
+    HydraConfig.instance().set_config(cfg)
+    sweeper = Plugins.instance().instantiate_sweeper(
+        config=cfg, hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks(cfg)), task_function=print
+    )
+    assert cfg.hydra.sweeper.study_name == sweeper.name and sweeper.name.startswith("gruexp-")
+    assert Path(cfg.hydra.sweep.dir) == Path("outputs/train/optuna") / sweeper.name
+    assert sweeper.launcher.params["submitit_folder"] == f"outputs/train/optuna/{sweeper.name}/.submitit/%j"
+    assert type(sweeper.launcher).__name__ == "SlurmLauncher" and sweeper.batch_size == 3
+    assert sweeper.fixed == {"hparams_search": "optuna", "model": "torch"}
+    assert set(sweeper.space) == {"model.hidden_size", "optimizer.lr", "trainer.gradient_clip_val"}
+
+
 # --- searches ----------------------------------------------------------------------------------------------------
 
 
@@ -133,6 +158,13 @@ def test_search_writes_its_best_then_resumes_to_n_trials(tmp_path, corpus_path):
     results = (folder / "optimization_results.yaml").read_text()
     assert f"best_trial: {study.best_trial.number}" in results
     assert f"best of 3 jobs: job {study.best_trial.number} " in again.stdout + again.stderr
+
+    # report.py adds Optuna's own views of the study
+    r = subprocess.run([sys.executable, ROOT / "scripts" / "report.py", folder, "--no-wandb"], capture_output=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for png in ("optuna_history.png", "optuna_importances.png"):
+        assert matplotlib.image.imread(folder / png).shape[0] > 100
+        assert f"![{png}]({png})" in (folder / "report.md").read_text()
 
 
 @pytest.mark.slow

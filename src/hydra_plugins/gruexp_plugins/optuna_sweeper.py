@@ -219,6 +219,8 @@ class GruexpOptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
+        # trials launched together: the launcher runs array_parallelism jobs at once (local, slurm); basic runs one
+        self.batch_size = self.n_jobs or int(config.hydra.launcher.get("array_parallelism", 1) or 1)
 
     # --- the study ---------------------------------------------------------------------------------------------
 
@@ -295,7 +297,6 @@ class GruexpOptunaSweeper(Sweeper):
         space, fixed, identity, name = self.space, self.fixed, self.identity, self.name  # from `arguments`, in setup
         study, storage = self._open_study(name, identity)
         self._fail_stale(study)
-        batch_size = self.n_jobs or int(self.config.hydra.launcher.get("array_parallelism", 1) or 1)
         done = len(finished(study.trials))
         log.info(
             "study %s (%s), storage %s: %d trials finished, %d to go",
@@ -306,7 +307,7 @@ class GruexpOptunaSweeper(Sweeper):
             max(0, self.n_trials - done),
         )
         while (to_go := self.n_trials - len(counted(study.trials))) > 0:
-            trials = [study.ask(space) for _ in range(min(batch_size, to_go))]
+            trials = [study.ask(space) for _ in range(min(self.batch_size, to_go))]
             for trial in trials:
                 trial.set_user_attr("sweeper", self.owner)
             batch = [(t, self._job_overrides(t, fixed, name, storage)) for t in trials]
