@@ -25,9 +25,9 @@ import optuna
 from gruexp.search import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
-# median pruning: after 5 complete trials, stop a trial whose val/ppl is worse than the median of the other
-# trials' at the same epoch, from its 2nd validation on (the first epoch ranks learning rates poorly)
-MEDIAN = "{_target_: optuna.pruners.MedianPruner, n_startup_trials: 5, n_warmup_steps: 2}"
+# `hydra.sweeper.pruner=median`: Optuna's MedianPruner with its defaults: after 5 complete trials, stop a trial whose
+# best val/ppl so far is worse than the median of the complete trials' at the same epoch
+MEDIAN = "median"
 
 
 def command(label: str, pruner: str, args: argparse.Namespace, out: Path) -> list[str]:

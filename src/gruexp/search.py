@@ -98,11 +98,13 @@ class OptunaPruning(L.Callback):
             return
         self.validations += 1  # Optuna's step: the k-th validation (epoch k with check_val_every_n_epoch=1)
         prune = False
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if trainer.is_global_zero:
             value = trainer.callback_metrics.get(self.monitor)
             if value is not None and math.isfinite(float(value)):
                 self._trial.report(float(value), self.validations)
-                prune = self._trial.should_prune()
+                # at the last epoch's validation pruning saves nothing: the trial completes with its value
+                prune = not (last and trainer.is_last_batch) and self._trial.should_prune()
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = torch.tensor([int(prune)], device=pl_module.device)
             torch.distributed.broadcast(flag, src=0)

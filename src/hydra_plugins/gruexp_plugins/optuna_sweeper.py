@@ -311,10 +311,16 @@ class GruexpOptunaSweeper(Sweeper):
             for trial in trials:
                 trial.set_user_attr("sweeper", self.owner)
             batch = [(t, self._job_overrides(t, fixed, name, storage)) for t in trials]
-            batch = [(t, o) for t, o in batch if self._composes(study, t, o)]
+            if len(batch) > 1:  # a config that does not compose would abort the launch of the whole batch
+                batch = [(t, o) for t, o in batch if self._composes(study, t, o)]
             if not batch:
                 continue
-            returns = self.launcher.launch([o for _, o in batch], initial_job_idx=batch[0][0].number)
+            try:
+                returns = self.launcher.launch([o for _, o in batch], initial_job_idx=batch[0][0].number)
+            except Exception as e:
+                if len(batch) > 1:
+                    raise  # which job failed is unknown: the trials stay RUNNING and are retried on the next run
+                returns = [JobReturn(status=JobStatus.FAILED, _return_value=e)]  # e.g. a config that did not compose
             for (trial, _), ret in zip(batch, returns, strict=True):
                 self._tell(study, trial, ret)
         self._write_results(study)
