@@ -1,6 +1,6 @@
 """Benchmark: the same TPE search (hidden size, lr, clipping) with and without median pruning, side by side.
 
-python scripts/bench_search.py [--trials 24] [--epochs 8] [--max-tokens 10000] [--out outputs/bench_search/<now>]
+python scripts/bench_search.py [--trials 24] [--epochs 24] [--max-tokens 5000] [--out outputs/bench_search/<now>]
 
 Both sweeps start at once, one thread each (so load on a shared machine hits both alike), from the same sampler
 seed, over hparams_search=optuna's space on the Time Machine; each trial trains `--epochs` epochs of model=torch
@@ -66,8 +66,8 @@ def study_stats(folder: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=10000, help="training characters of the Time Machine per epoch")
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=5000, help="training characters of the Time Machine per epoch")
     p.add_argument(
         "--out", type=Path, default=ROOT / "outputs" / "bench_search" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     )
