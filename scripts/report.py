@@ -97,7 +97,9 @@ def find_jobs(sweep: Path) -> list[dict[str, Any]]:
         raise UserError(f"{sweep} is not a folder: pass a sweep folder such as outputs/train/multirun/<date>")
     folders = [d for d in sweep.iterdir() if (d / "summary.json").is_file() or (d / ".hydra" / "config.yaml").is_file()]
     if not folders:
-        raise UserError(f"{sweep} holds no job folders (none has summary.json or .hydra/config.yaml): is it a sweep?")
+        raise UserError(
+            f"{sweep} holds no job folders (none has summary.json or .hydra/config.yaml): is it a sweep?"
+        ) from None
     folders.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
     return [read_job(d) for d in folders]
 
@@ -354,9 +356,66 @@ def report(sweep: Path, use_wandb: bool | None = None) -> Path:
             (sweep / name).unlink(missing_ok=True)
     images = [p for p in made if p is not None]
     path = write_markdown(sweep, jobs, images)
+    optuna_images = plot_optuna_views(sweep)  # hparams_search=optuna: Optuna's views of the study
+    if optuna_images:
+        path.write_text(path.read_text() + "".join(f"![{p.name}]({p.name})\n" for p in optuna_images))
+        images += optuna_images
     if (wandb_is_on(sweep) if use_wandb is None else use_wandb) and wandb_mode() != "disabled":
         log_to_wandb(sweep, jobs, images)
     return path
+
+
+def load_study(sweep: Path) -> Any:
+    """The Optuna study of an hparams_search=optuna sweep folder (its storage per multirun.yaml), or None."""
+    import optuna
+
+    from gruexp.search import open_storage
+
+    multirun = sweep / "multirun.yaml"
+    sweeper = OmegaConf.load(multirun).hydra.sweeper if multirun.is_file() else {}
+    name = sweeper.get("study_name") or sweep.name
+    storage = sweeper.get("storage") or (
+        str(sweep / "optuna.journal") if (sweep / "optuna.journal").is_file() else None
+    )
+    if storage is None:  # a grid sweep
+        return None
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(storage))
+    except KeyError:
+        raise UserError(
+            f"{sweep}: no study {name} in {storage}: is it the folder of an hparams_search=optuna sweep?"
+        ) from None
+
+
+def plot_optuna_views(sweep: Path) -> list[Path]:
+    """Optuna's own views of the sweep's study (optimization history, parameter importances) as PNGs, if it has one."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as views
+
+    study = load_study(sweep)
+    if study is None:
+        return []
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    plots = {"optuna_history.png": views.plot_optimization_history}
+    if len(complete) >= 2:  # importances need at least two finished trials to compare
+        plots["optuna_importances.png"] = views.plot_param_importances
+    paths = []
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib views are
+            ax = plot(study)
+        title = ax.get_title(loc="left") or ax.get_title()
+        ax.set_title("")
+        ax.set_title(f"{title}: {study.study_name}, {len(study.trials)} trials", loc="left")
+        if name == "optuna_history.png":
+            ax.set_ylabel("val/ppl (the objective)")
+        ax.figure.savefig(sweep / name, dpi=120, bbox_inches="tight")
+        plt.close(ax.figure)
+        paths.append(sweep / name)
+    log.info("wrote Optuna's views of study %s: %s", study.study_name, ", ".join(p.name for p in paths))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,12 @@
-"""Sweeps: grid multirun, multirun x DDP, Optuna (SQLite, resume, DDP), the bounded local launcher, SLURM config."""
+"""Sweeps: grid multirun, multirun x DDP, Optuna (journal, resume, DDP), the bounded local launcher, SLURM config."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import datetime
 from pathlib import Path
 
+import optuna
 import pytest
 from conftest import CONF, TINY, run_cli
 from hydra import compose, initialize_config_dir
@@ -91,7 +91,8 @@ def test_optuna_with_two_processes_then_resume(tmp_path, corpus_path):
     first = run_cli("gruexp.train", *search, "hydra.sweeper.n_trials=2", "trainer.devices=2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     sweep = sweep_folder(tmp_path, "optuna")
-    assert sweep.name == "gruexp" and (sweep / "optuna.db").is_file()
+    # the study is named after its fixed overrides and space (trainer.devices left out), kept in a journal file
+    assert sweep.name.startswith("gruexp-") and (sweep / "optuna.journal").is_file()
     before = jobs_of(sweep)
     assert set(before) == {"0", "1"}
     for name, summary in before.items():
@@ -106,12 +107,9 @@ def test_optuna_with_two_processes_then_resume(tmp_path, corpus_path):
     assert (after["2"]["lr"], after["2"]["gradient_clip_val"]) not in {
         (j["lr"], j["gradient_clip_val"]) for j in before.values()
     }
-    with sqlite3.connect(sweep / "optuna.db") as db:
-        values = dict(
-            db.execute(
-                "SELECT t.number, v.value FROM trials t JOIN trial_values v USING (trial_id) WHERE t.state='COMPLETE'"
-            ).fetchall()
-        )
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep / "optuna.journal")))
+    study = optuna.load_study(study_name=sweep.name, storage=storage)
+    values = {t.number: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert values == pytest.approx({int(k): j["val_ppl"] for k, j in after.items()})
     check_one_wandb_run_per_job(sweep, after)
     check_winner(sweep, again.stdout + again.stderr)

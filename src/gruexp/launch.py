@@ -244,6 +244,17 @@ class PrintBestRun(HydraCallback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = [j for j in read_sweep(sweep_dir) if not math.isnan(j.get(self.metric, math.nan))]
+        pruned = [j for j in jobs if j.get("status") == "pruned"]  # stopped early by Optuna: not comparable
+        jobs = [j for j in jobs if j.get("status") != "pruned"]
+        if pruned:
+            log.info(
+                "%d jobs pruned, not ranked: %s",
+                len(pruned),
+                ", ".join(
+                    f"job {j['job']} at epoch {j.get('pruned_epoch')}"
+                    for j in sorted(pruned, key=lambda j: int(j["job"]))
+                ),
+            )
         if not jobs:
             log.warning("sweep %s: no job wrote a %s to its summary.json", sweep_dir, self.metric)
             return

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import checks, faults, launch
+from gruexp import checks, faults, launch, search
 
 log = logging.getLogger("gruexp.train")
 
@@ -76,6 +76,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         callbacks = _instantiate_all(cfg.get("callbacks"))
         callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
+        pruning = search.pruning_callback()  # an Optuna trial (hparams_search=optuna): report, stop when pruned
+        callbacks += [pruning] if pruning else []
         loggers = _instantiate_all(cfg.get("logger"))
         run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
         for lg in loggers:
@@ -98,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         status, error = "failed", e
     if status == "completed" and trainer.interrupted:
         status = "interrupted"
+    if status == "completed" and pruning is not None and pruning.pruned_epoch is not None:
+        status = "pruned"
 
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary.update(
@@ -111,9 +115,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "wall_time_s": time.perf_counter() - start,
             "sample": model.sample,
             "seed": seed,
-            "status": status,  # completed | interrupted | diverged | failed
+            "status": status,  # completed | interrupted | diverged | failed | pruned
         }
     )
+    if status == "pruned":
+        summary["pruned_epoch"] = pruning.pruned_epoch  # the epoch whose validation the Optuna pruner stopped
     if error is not None and not isinstance(error, SystemExit):
         summary["error"] = _first_line(error)
     best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
