@@ -112,29 +112,29 @@ def test_metrics_match_an_fp32_evaluation_of_the_same_weights(datamodule, precis
     assert test == pytest.approx(want, rel=rel)
 
 
-@pytest.mark.parametrize("use_c", [True, False])
-def test_fused_recurrence_keeps_state_and_gates_in_fp32(use_c):
+@pytest.mark.parametrize("backend", ["c", "ops"])
+def test_fused_recurrence_keeps_state_and_gates_in_fp32(backend):
     g = torch.Generator().manual_seed(0)
     T, B, H = 5, 3, 8
     gi, h0 = torch.randn(T, B, 3 * H, generator=g), torch.randn(B, H, generator=g).tanh()
     w_hh, b_hh = torch.randn(3 * H, H, generator=g) / 3, torch.randn(3 * H, generator=g) / 3
     # under autocast a bf16 input (what F.linear gives layer 2) is computed on in fp32, and comes out fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hs, h_T = gru_recurrence(gi.bfloat16(), h0, w_hh, b_hh, use_c=use_c)
-    ref_hs, ref_h_T = gru_recurrence(gi.bfloat16().float(), h0, w_hh, b_hh, use_c=use_c)
+        hs, h_T = gru_recurrence(gi.bfloat16(), h0, w_hh, b_hh, backend=backend)
+    ref_hs, ref_h_T = gru_recurrence(gi.bfloat16().float(), h0, w_hh, b_hh, backend=backend)
     assert hs.dtype == h_T.dtype == torch.float32
     torch.testing.assert_close(hs, ref_hs, rtol=0, atol=0)
     torch.testing.assert_close(h_T, ref_h_T, rtol=0, atol=0)
     # bf16 weights without autocast (bf16-true): computed in fp32 from the bf16 values, returned as bf16
     low = [t.bfloat16() for t in (gi, h0, w_hh, b_hh)]
-    hs, _ = gru_recurrence(*low, use_c=use_c)
-    ref_hs, _ = gru_recurrence(*(t.float() for t in low), use_c=use_c)
+    hs, _ = gru_recurrence(*low, backend=backend)
+    ref_hs, _ = gru_recurrence(*(t.float() for t in low), backend=backend)
     assert hs.dtype == torch.bfloat16
     torch.testing.assert_close(hs, ref_hs.bfloat16(), rtol=0, atol=0)
     # and gradients flow back in the inputs' dtypes
     gi_low = gi.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        gru_recurrence(gi_low, h0, w_hh.requires_grad_(), b_hh, use_c=use_c)[0].sum().backward()
+        gru_recurrence(gi_low, h0, w_hh.requires_grad_(), b_hh, backend=backend)[0].sum().backward()
     assert gi_low.grad.dtype == torch.bfloat16 and w_hh.grad.dtype == torch.float32
     assert torch.isfinite(gi_low.grad.float()).all()
 

@@ -428,6 +428,8 @@ class SweepOutcome(HydraCallback):
         self._started = time.time()  # a resumed Optuna study's folder holds earlier invocations' jobs too
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_")):
+            return  # a search (Optuna) records failed trials in its study and decides its own exit (train.main)
         failed = []
         for summary in sorted(Path(str(config.hydra.sweep.dir)).glob("*/summary.json")):
             try:

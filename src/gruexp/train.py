@@ -108,6 +108,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         {
             "train_ppl": m.get("train/ppl", math.nan),
             "val_ppl": m.get("val/ppl", math.nan),
+            "train_bpc": m.get("train/bpc", math.nan),
+            "val_bpc": m.get("val/bpc", math.nan),
             "tokens_per_sec": model.tokens_per_sec,  # the whole run's, not the last epoch's (CharLM.throughput)
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -134,11 +136,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if full_disk is not None and error is None:
             error = full_disk  # the run trained, but its record could not be written: it did not succeed
         log.info(
-            "%sval/ppl %.3f | train/ppl %.3f | %.0f tokens/sec | %s",
+            "%sval/ppl %.3f | train/ppl %.3f | %s tokens/sec | %s",
             "" if summary["status"] == "completed" else f"{summary['status'].upper()}: ",
             summary["val_ppl"],
             summary["train_ppl"],
-            summary["tokens_per_sec"],
+            f"{summary['tokens_per_sec']:,.0f}",
             out,
         )
         log.info("sample: %s", summary["sample"])
