@@ -57,7 +57,7 @@ class CharLM(L.LightningModule):
         self.state: torch.Tensor | None = None
         self._resume: dict | None = None  # a mid-epoch checkpoint's carried state, applied at its next batch
         self._train_state: torch.Tensor | None = None
-        self.train_ppl, self.val_ppl = Perplexity(), Perplexity()
+        self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
         self.train_tokens = SumMetric()  # summed over ranks: tokens/sec counts every device's tokens
         self.sample = ""
 
@@ -135,6 +135,19 @@ class CharLM(L.LightningModule):
             self.sample = self.predict(self.hparams.sample_prefix, self.hparams.sample_chars)
             if self.trainer.is_global_zero:
                 log.info("epoch %d sample: %s", self.current_epoch, self.sample)
+
+    def on_test_epoch_start(self) -> None:
+        self.state = None
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        _, logits = self._step(batch, carry=True)
+        self.test_ppl.update(logits, batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        ppl = self.test_ppl.compute()  # synced over ranks: the whole split's exp(mean NLL)
+        self.test_ppl.reset()
+        self.log("test/ppl", ppl)
+        self.log("test/bpc", torch.log2(ppl))  # mean NLL in nats / ln 2
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Save what a mid-epoch resume needs to continue exactly: carried state, epoch's train metric, RNG."""
