@@ -54,6 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
 
     datamodule = instantiate(cfg.data, seed=seed)
+    log.info("data: %s", datamodule.describe())
     model = instantiate(
         cfg.model,
         vocab=datamodule.vocab.idx_to_token,
@@ -81,6 +82,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         status = "interrupted"
 
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    tested: dict[str, float] = {}
+    if status == "completed":
+        try:
+            tested = _test(trainer, model, datamodule)
+        except Exception as e:
+            status, error = "failed", e
     summary = {
         "model": cfg.model.name,
         "hidden_size": cfg.model.hidden_size,
@@ -98,6 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": time.perf_counter() - start,
         "sample": model.sample,
         "seed": seed,
+        **tested,
         "status": status,  # completed | interrupted | diverged | failed
     }
     if error is not None and not isinstance(error, SystemExit):
@@ -117,10 +125,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["tokens_per_sec"],
             out,
         )
+        if tested:
+            log.info("test/ppl %.3f | test/bpc %.3f (best checkpoint, whole test split)", *tested.values())
         log.info("sample: %s", summary["sample"])
     if error is not None:
         raise error
     return summary
+
+
+def _test(trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict[str, float]:
+    """test/ppl and test/bpc of the best checkpoint (the last weights without one) on the whole test split."""
+    if not datamodule.test_dataloader():
+        return {}
+    ckpt = trainer.checkpoint_callback
+    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    result = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    return {"test_ppl": float(result["test/ppl"]), "test_bpc": float(result["test/bpc"])}
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
