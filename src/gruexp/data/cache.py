@@ -84,16 +84,17 @@ def _encode(
     try:
         with os.fdopen(fd, "wb") as out:
             vocab, n = tokenizers.encode(
-                lambda: read_chunks(source, member, tokenizers.CHUNK), tokenizer, name, lambda a: out.write(a.data)
+                lambda: read_chunks(source, member, tokenizers.CHUNK), tokenizer, name, out.write
             )
         dtype = tokenizers.token_dtype(len(vocab))
         if tokenizer == "d2l":  # ids by frequency, known only now: remap the cleaned text in place
-            mm = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(n,))
-            lut = tokenizers.d2l_remap(vocab)
-            for i in range(0, n, tokenizers.CHUNK):
-                mm[i : i + tokenizers.CHUNK] = lut[mm[i : i + tokenizers.CHUNK]]
-            mm.flush()
-            del mm
+            table = tokenizers.remap_table(vocab)
+            with open(tmp, "r+b") as f:
+                for i in range(0, n, tokenizers.CHUNK):
+                    f.seek(i)
+                    block = f.read(tokenizers.CHUNK)
+                    f.seek(i)
+                    f.write(block.translate(table))
         os.replace(tmp, bin_path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -178,8 +178,7 @@ def d2l_chunks(chunks: Iterable[bytes], name: str) -> Iterator[np.ndarray]:
     first = True
     for b in _chunk_arrays(utf8_chunks(chunks, name)):
         data = np.concatenate((carry, b)) if len(carry) else b
-        letters = np.flatnonzero(_LETTER[data])
-        cut = int(letters[-1]) + 1 if len(letters) else 0  # end the piece at its last letter
+        cut = _after_last_letter(data)
         if cut:
             yield d2l_clean(data[:cut], at_start=first, at_end=False)
             first = False
@@ -187,65 +186,82 @@ def d2l_chunks(chunks: Iterable[bytes], name: str) -> Iterator[np.ndarray]:
     yield d2l_clean(carry, at_start=first, at_end=True)
 
 
+def _after_last_letter(data: np.ndarray) -> int:
+    """The index just after the last letter of `data`, 0 if it has none (searched from the end, a tail at a time)."""
+    end = len(data)
+    while end > 0:
+        lo = max(0, end - 4096)
+        tail = _LETTER[data[lo:end][::-1]]
+        k = int(tail.argmax())  # the first True from the end (argmax of a bool array stops there)
+        if tail[k]:
+            return end - k
+        end = lo
+    return 0
+
+
 def encode(
-    chunks: Callable[[], Iterable[bytes]], tokenizer: str, name: str, write: Callable[[np.ndarray], None]
+    chunks: Callable[[], Iterable[bytes]], tokenizer: str, name: str, write: Callable[[bytes], None]
 ) -> tuple[Vocab, int]:
     """Encode the stream `chunks()` (callable: the chars tokenizer reads it twice) with `tokenizer`.
 
-    `write` receives the encoded ids chunk by chunk (dtype `token_dtype(len(vocab))`), except for d2l, whose ids
-    depend on frequencies known only at the end: it writes the cleaned ASCII codes and returns them to be remapped
-    with `d2l_remap(vocab)`. Returns the vocabulary and the number of tokens.
+    `write` receives the encoded ids chunk by chunk as bytes (dtype `token_dtype(len(vocab))`), except for d2l,
+    whose ids depend on frequencies known only at the end: it writes the cleaned ASCII codes, to be remapped with
+    `remap_table(vocab)`. Returns the vocabulary and the number of tokens. Byte-to-byte maps use bytes.translate,
+    the fastest 256-entry table lookup Python has (numpy's fancy indexing and bincount widen to int64 first).
     """
     if tokenizer not in TOKENIZERS:
         raise UserError(f"data.tokenizer={tokenizer} is unknown: choose one of {', '.join(TOKENIZERS)}")
     n = 0
     if tokenizer == "bytes":
-        for b in _chunk_arrays(chunks()):
-            write(b)
-            n += len(b)
+        for c in chunks():
+            write(c)
+            n += len(c)
         return byte_vocab(), n
     if tokenizer == "chars":
-        counts = np.zeros(256, np.int64)
+        present = np.zeros(256, bool)
         for c in utf8_chunks(chunks(), name):
-            cp = _code_points(c)
-            if len(cp):
-                bc = np.bincount(cp)
-                counts = _grow(counts, len(bc))
-                counts[: len(bc)] += bc
-        present = np.flatnonzero(counts)
-        if len(present) == 0:
+            if c.isascii():  # the common case (text8, Shakespeare, the book): a byte is a character
+                present[np.frombuffer(c, np.uint8)] = True
+            else:
+                cp = _code_points(c)
+                present = _grow(present, int(cp.max()) + 1)
+                present[cp] = True
+        chars = np.flatnonzero(present)
+        if len(chars) == 0:
             raise UserError(f"corpus {name} is empty: give a text file with some characters")
-        dtype = token_dtype(len(present))
-        lut = np.zeros(len(counts), dtype)
-        lut[present] = np.arange(len(present), dtype=dtype)
+        dtype = token_dtype(len(chars))
+        lut = np.zeros(max(len(present), 256), dtype)
+        lut[chars] = np.arange(len(chars), dtype=dtype)
+        table = lut[:256].tobytes() if dtype == np.uint8 else None
         for c in utf8_chunks(chunks(), name):
-            ids = lut[_code_points(c)]
+            ids = c.translate(table) if table is not None and c.isascii() else lut[_code_points(c)].tobytes()
             write(ids)
-            n += len(ids)
-        return Vocab(idx_to_token=[chr(int(i)) for i in present]), n
-    # d2l
+            n += len(ids) // dtype.itemsize
+        return Vocab(idx_to_token=[chr(int(i)) for i in chars]), n
+    # d2l: counts by a radix sort (numpy's stable sort of uint8; bincount widens to int64 first and is slower),
+    # first occurrences by bytes.find, only for symbols not seen yet
     counts = np.zeros(256, np.int64)
     first_seen: dict[int, int] = {}
     for ids in d2l_chunks(chunks(), name):
-        counts += np.bincount(ids, minlength=256)
+        counts += np.diff(np.searchsorted(np.sort(ids, kind="stable"), np.arange(257)))
+        cleaned = ids.tobytes()
         for s in np.flatnonzero(counts):
             if int(s) not in first_seen:
-                where = np.flatnonzero(ids == s)
-                first_seen[int(s)] = n + int(where[0])
-        write(ids)
-        n += len(ids)
+                first_seen[int(s)] = n + cleaned.find(int(s).to_bytes(1, "little"))
+        write(cleaned)
+        n += len(cleaned)
     if n == 0:
         raise UserError(f"corpus {name} has no letters after d2l's cleaning: give a text with English words")
     order = sorted(first_seen, key=lambda s: (-counts[s], first_seen[s]))
     return Vocab(idx_to_token=["<unk>"] + [chr(s) for s in order]), n
 
 
-def d2l_remap(vocab: Vocab) -> np.ndarray:
-    """The lookup table from d2l-cleaned ASCII codes to ids of `vocab`."""
-    lut = np.zeros(256, np.uint8)
+def remap_table(vocab: Vocab) -> bytes:
+    """The bytes.translate table from d2l-cleaned ASCII codes to ids of `vocab`."""
+    lut = bytearray(256)
     for i, t in enumerate(vocab.idx_to_token[1:], start=1):
         lut[ord(t)] = i
-    return lut
+    return bytes(lut)
 
 
 def _code_points(chunk: bytes) -> np.ndarray:
