@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import faults, launch
+from gruexp import faults, launch, tracking
 
 log = logging.getLogger("gruexp.train")
 
@@ -139,6 +139,9 @@ def _test(trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict
         return {}
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    # the W&B run was finished with fit (tracking.WandbLogger.finalize): testing through it would start a second run
+    wandb = tracking.wandb_loggers(trainer.loggers)
+    trainer.loggers = [lg for lg in trainer.loggers if lg not in wandb]
     result = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     return {"test_ppl": float(result["test/ppl"]), "test_bpc": float(result["test/bpc"])}
 

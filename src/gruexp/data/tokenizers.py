@@ -101,32 +101,31 @@ def _looks_utf16(head: bytes) -> bool:
 
 
 def utf8_chunks(chunks: Iterable[bytes], name: str) -> Iterator[bytes]:
-    """The chunks, checked to be UTF-8 text (first chunk: UTF-16 / binary), split on character boundaries."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    """The chunks, checked to be UTF-8 text (first chunk: UTF-16 / binary), split on character boundaries.
+
+    ASCII pieces (bytes.isascii, a word-at-a-time C loop) need no decoding; others are decoded once to check them.
+    """
     offset, carry, first = 0, b"", True
     for chunk in chunks:
         if first:
             check_text(chunk, name)
             first = False
-        data = carry + chunk
-        try:
-            decoder.decode(chunk)
-        except UnicodeDecodeError as e:
-            raise UserError(
-                f"corpus {name} is not UTF-8 text (byte {offset + e.start}): convert it, e.g. iconv -t utf-8, "
-                "or read its raw bytes with data.tokenizer=bytes"
-            ) from e
-        offset += len(chunk)
+        data = carry + chunk if carry else chunk
         cut = _complete_prefix(data)  # keep an unfinished trailing character for the next chunk
-        carry = data[cut:]
-        if cut:
-            yield data[:cut]
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as e:
-        raise UserError(f"corpus {name} is not UTF-8 text (it ends inside a character): convert it") from e
+        piece, carry = data[:cut], data[cut:]
+        if not piece.isascii():
+            try:
+                piece.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"corpus {name} is not UTF-8 text (byte {offset + e.start}): convert it, e.g. iconv -t utf-8, "
+                    "or read its raw bytes with data.tokenizer=bytes"
+                ) from e
+        offset += len(piece)
+        if piece:
+            yield piece
     if carry:
-        yield carry
+        raise UserError(f"corpus {name} is not UTF-8 text (it ends inside a character at byte {offset}): convert it")
 
 
 def _complete_prefix(data: bytes) -> int:
@@ -221,7 +220,10 @@ def encode(
         present = np.zeros(256, bool)
         for c in utf8_chunks(chunks(), name):
             if c.isascii():  # the common case (text8, Shakespeare, the book): a byte is a character
-                present[np.frombuffer(c, np.uint8)] = True
+                # the bytes seen so far deleted in one C pass: what is left is new (usually nothing)
+                seen = set(c[:65536]) | set(np.flatnonzero(present[:128]).tolist())
+                seen |= set(c.translate(None, bytes(sorted(seen))))
+                present[sorted(seen)] = True
             else:
                 cp = _code_points(c)
                 present = _grow(present, int(cp.max()) + 1)
