@@ -213,7 +213,9 @@ def encoded_corpus(
     if corpus is not None and known is None:
         raise UserError(f"data.corpus={corpus} is unknown: choose one of {', '.join(corpora.CORPORA)} or null")
     if known is None and path is None:
-        raise UserError("data.corpus=null needs data.path=<file>: give a file or a named corpus")
+        raise UserError(
+            "data=file (data.corpus=null) needs data.path=<file>: give a file, or a named corpus (data=tinyshakespeare)"
+        )
     tokenizer = tokenizer or (known.tokenizer if known else "chars")
     if tokenizer not in TOKENIZERS:
         raise UserError(f"data.tokenizer={tokenizer} is unknown: choose one of {', '.join(TOKENIZERS)}")
