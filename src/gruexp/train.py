@@ -18,6 +18,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from gruexp import faults, launch, tracking
@@ -135,7 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _test(trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict[str, float]:
     """test/ppl and test/bpc of the best checkpoint (the last weights without one) on the whole test split."""
-    if not datamodule.test_dataloader():
+    if not datamodule.test_dataloader() or not is_overridden("test_step", model):
         return {}
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
@@ -143,7 +144,10 @@ def _test(trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict
     wandb = tracking.wandb_loggers(trainer.loggers)
     trainer.loggers = [lg for lg in trainer.loggers if lg not in wandb]
     result = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    return {"test_ppl": float(result["test/ppl"]), "test_bpc": float(result["test/bpc"])}
+    if "test/ppl" not in result:
+        return {}
+    ppl = float(result["test/ppl"])
+    return {"test_ppl": ppl, "test_bpc": float(result.get("test/bpc", math.log2(ppl)))}
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
