@@ -1,4 +1,4 @@
-"""Corpus loading, d2l tokenization and vocabulary, the two partitions, and the DataModule's errors."""
+"""The Time Machine through the new loader (d2l's numbers), the two partitions, and the DataModule's errors."""
 
 from __future__ import annotations
 
@@ -7,26 +7,40 @@ import http.server
 import random
 import shutil
 import threading
+import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 
 from gruexp import UserError, data
-from gruexp.data import StreamSampler, TimeMachineDataModule, Vocab, load_corpus, read_lines
+from gruexp.data import CORPORA, StreamSampler, TimeMachineDataModule, Vocab, corpora, load_corpus
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def read_lines(path):
+    """The d2l cleaning of a small file, through the encoder."""
+    ids, vocab = load_corpus(None, path, "d2l")
+    return vocab.decode(ids)
 
 
 def test_d2l_corpus_and_vocab(corpus_path):
-    corpus, vocab = load_corpus(corpus_path)
+    corpus, vocab = load_corpus("timemachine")
     # d2l 0.17, section 8.2: len(corpus), len(vocab) == (170580, 28) and the ten most frequent tokens.
     assert (len(corpus), len(vocab)) == (170580, 28)
     assert vocab.idx_to_token[:10] == ["<unk>", " ", "e", "t", "a", "i", "n", "o", "s", "h"]
     assert vocab.decode(corpus[:14].tolist()) == "the time machi"
+    assert isinstance(corpus, np.memmap) and corpus.dtype == np.uint8
 
 
 def test_tokenization_keeps_letters_lowercased(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("Hello, World!\n\n  It's 1898...  \n")
-    assert read_lines(p) == ["hello world", "", "it s"]
+    assert read_lines(p) == "hello worldit s"  # lines joined without a separator, as d2l does
     assert Vocab("aab").idx_to_token == ["<unk>", "a", "b"]
     assert Vocab("ab")["z"] == Vocab.unk
 
@@ -37,6 +51,7 @@ def test_tokenization_keeps_letters_lowercased(tmp_path):
         (b"", "no letters"),
         (b"1234 !!\n", "no letters"),
         (b"abc\x00\x01def", "binary"),
+        ("time machine".encode("utf-16"), "is UTF-16 text"),
         (b"caf\xe9 au lait", "not UTF-8"),
     ],
 )
@@ -49,22 +64,26 @@ def test_bad_corpus_is_refused(tmp_path, content, message):
 
 def test_missing_path_names_the_fix(tmp_path):
     with pytest.raises(UserError, match="is not a file"):
-        data.resolve_corpus(tmp_path / "nope.txt")
+        TimeMachineDataModule(path=str(tmp_path / "nope.txt"))
 
 
 def test_sha1_mismatch_is_refused(tmp_path, monkeypatch):
     (tmp_path / "timemachine.txt").write_text("not the book\n")
     monkeypatch.setenv("GRUEXP_DATA_DIR", str(tmp_path))
     with pytest.raises(UserError, match="SHA-1 .* expected d2l's 090b5e7e"):
-        data.resolve_corpus()
+        corpora.resolve(CORPORA["timemachine"])
 
 
 def test_offline_without_file_says_where_to_put_it(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
     monkeypatch.setenv("GRUEXP_DATA_DIR", str(tmp_path / "d"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "URL", "http://127.0.0.1:9/timemachine.txt")  # nothing listens on port 9
-    with pytest.raises(UserError, match=f"no network: put d2l's timemachine.txt .* at {tmp_path}/d/timemachine.txt"):
-        data.resolve_corpus()
+    spec = CORPORA["timemachine"]
+    monkeypatch.setitem(CORPORA, "timemachine", data.Corpus(**{**spec.__dict__, "url": "http://127.0.0.1:9/tm.txt"}))
+    with pytest.raises(
+        UserError,
+        match=f"no timemachine.txt and no network: download http://127.0.0.1:9/tm.txt and put it in {tmp_path}/d/",
+    ):
+        TimeMachineDataModule()
 
 
 def test_download_verifies_and_caches(tmp_path, monkeypatch, corpus_path):
@@ -76,13 +95,13 @@ def test_download_verifies_and_caches(tmp_path, monkeypatch, corpus_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.delenv("GRUEXP_DATA_DIR")
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-        monkeypatch.setattr(data, "URL", f"http://127.0.0.1:{server.server_port}/timemachine.txt")
-        got = data.resolve_corpus()
+        url = f"http://127.0.0.1:{server.server_port}/timemachine.txt"
+        spec = data.Corpus(**{**CORPORA["timemachine"].__dict__, "url": url})
+        got = corpora.resolve(spec)
         assert got == tmp_path / "cache" / "gruexp" / "timemachine.txt"
-        assert data.sha1(got) == data.SHA1
+        assert data.file_digest(got, "sha1") == spec.digest.removeprefix("sha1:")
         (served / "timemachine.txt").write_text("tampered\n")
-        assert data.resolve_corpus() == got  # the cached copy is used, not the server
+        assert corpora.resolve(spec) == got  # the cached copy is used, not the server
     finally:
         server.shutdown()
 
@@ -99,9 +118,16 @@ def d2l_seq_data_iter_sequential(corpus, batch_size, num_steps, offset):
 
 
 def batches(ids, sampler):
-    ds = data.Windows(torch.tensor(ids), sampler.T)
-    loader = torch.utils.data.DataLoader(ds, batch_size=sampler.rows, sampler=sampler, drop_last=True)
-    return list(loader)
+    """The batches as the DataModule builds them: one gather per batch (Windows.__getitems__)."""
+    ds = data.Windows(np.asarray(ids, dtype=np.int64), sampler.T)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=sampler.rows, sampler=sampler, drop_last=True, collate_fn=data.datamodule._batch
+    )
+    got = list(loader)
+    # and the same as one window at a time through torch's default collate
+    per_item = torch.utils.data.DataLoader(ds, batch_size=sampler.rows, sampler=sampler, drop_last=True)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, per_item, strict=True))
+    return got
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -147,18 +173,51 @@ def test_random_partition_is_a_shuffle_of_disjoint_windows():
 
 
 def test_datamodule_splits_head_and_tail(corpus_path):
-    dm = TimeMachineDataModule(max_tokens=10000, val_fraction=0.1)
-    assert len(dm.train_ids) == 10000 and torch.equal(dm.train_ids, dm.corpus[:10000])
-    assert torch.equal(dm.val_ids, dm.corpus[-17058:])
+    """d2l_classic still trains on the first 10,000 tokens; the old 10 % tail is now validation, then test."""
+    dm = TimeMachineDataModule(max_tokens=10000)
+    assert dm.split_len("train") == 10000 and np.array_equal(dm.split("train"), dm.ids[:10000])
+    assert np.array_equal(dm.split("val"), dm.ids[-17058:-8529])
+    assert np.array_equal(dm.split("test"), dm.ids[-8529:])
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == y.shape == (32, 35)
-    assert len(dm.val_dataloader()) == (17058 - 1) // (32 * 35)
+    head = torch.from_numpy(dm.ids[:80].astype(np.int64))
+    assert any(torch.equal(x[0], head[k : k + 35]) and torch.equal(y[0], head[k + 1 : k + 36]) for k in range(36))
+    assert len(dm.val_dataloader()) == len(dm.test_dataloader()) == (8529 - 1) // (32 * 35)
+    first_val, _ = next(iter(dm.val_dataloader()))
+    assert first_val[0, 0].item() == dm.ids[len(dm.ids) - 17058]  # read from the split's start
+
+
+def test_val_tokens_caps_validation_only(corpus_path):
+    dm = TimeMachineDataModule(val_tokens=2000, batch_size=4, num_steps=10)
+    assert dm.split_len("val") == 2000 and dm.split_len("test") == 8529
+    assert len(dm.val_dataloader()) == (2000 - 1) // 40 and len(dm.test_dataloader()) == (8529 - 1) // 40
+
+
+@pytest.mark.parametrize("partition", ["sequential", "random"])
+def test_a_90m_token_stream_is_never_a_list(partition):
+    """len() and the first batches of a 90M-token split allocate kilobytes, not a list of 90M / T starts."""
+    s = StreamSampler(90_000_000, 256, 128, partition=partition, rank=1, world_size=2, seed=1)
+    tracemalloc.start()
+    try:
+        n = len(s)
+        it = iter(s)
+        first = [next(it) for _ in range(64)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == s.num_batches() * 64 and len(first) == 64
+    # random keeps one permutation tensor of n/T int64 (8 bytes per window, not a Python list of ints)
+    assert peak < (90_000_000 // 256 * 8 + 1_000_000 if partition == "random" else 100_000)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"num_steps": 200000}, "num_steps=200000 needs at least 200001 tokens"),
+        ({"max_tokens": 10}, "data.max_tokens=10 leaves the training split 10: raise data.max_tokens"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "leaves nothing to train on"),
+        ({"corpus": "text9"}, "data.corpus=text9 is unknown: choose one of timemachine, tinyshakespeare, text8"),
+        ({"tokenizer": "words"}, "data.tokenizer=words is unknown: choose one of d2l, chars, bytes"),
         ({"num_steps": 0}, "data.num_steps must be a positive integer, got 0"),
         ({"batch_size": -1}, "data.batch_size must be a positive integer, got -1"),
         ({"partition": "shuffled"}, "data.partition=shuffled is unknown"),

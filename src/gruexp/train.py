@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import checks, faults, launch, search
+from gruexp import checks, faults, launch, search, tracking
 
 log = logging.getLogger("gruexp.train")
 
@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         faults.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
         seed = L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data, seed=seed)
+        log.info("data: %s", datamodule.describe())
         vocab = datamodule.vocab.idx_to_token
         # a checkpoint of another model, size or vocabulary is refused here, not resumed silently
         ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out, expect=checks.model_signature(cfg.model, vocab))
@@ -104,6 +105,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         status = "pruned"
 
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    tested: dict[str, float] = {}
+    if status == "completed":
+        try:
+            tested = _test(trainer, model, datamodule)
+        except Exception as e:
+            status, error = "failed", e
     summary.update(
         {
             "train_ppl": m.get("train/ppl", math.nan),
@@ -117,6 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "wall_time_s": time.perf_counter() - start,
             "sample": model.sample,
             "seed": seed,
+            **tested,
             "status": status,  # completed | interrupted | diverged | failed | pruned
         }
     )
@@ -124,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["pruned_epoch"] = pruning.pruned_epoch  # the epoch whose validation the Optuna pruner stopped
     if error is not None and not isinstance(error, SystemExit):
         summary["error"] = _first_line(error)
-    best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+    best = _best_checkpoint(trainer)
     if best is not None:
         summary["best_val_ppl"] = float(best.best_model_score) if best.best_model_score is not None else math.nan
         summary["best_ckpt"] = best.best_model_path
@@ -143,6 +151,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"{summary['tokens_per_sec']:,.0f}",
             out,
         )
+        if tested:
+            log.info("test/ppl %.3f | test/bpc %.3f (best checkpoint, whole test split)", *tested.values())
         log.info("sample: %s", summary["sample"])
     if error is not None:
         raise error
@@ -180,6 +190,27 @@ def _write_summary(out: Path, summary: dict[str, Any], since: float) -> OSError 
         except OSError:
             pass
     return full
+
+
+def _test(trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict[str, float]:
+    """test/ppl and test/bpc of the best checkpoint (the last weights without one) on the whole test split."""
+    if not datamodule.test_dataloader():
+        return {}
+    ckpt = _best_checkpoint(trainer)
+    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    # the W&B run was finished with fit (tracking.WandbLogger.finalize): testing through it would start a second run
+    wandb = tracking.wandb_loggers(trainer.loggers)
+    trainer.loggers = [lg for lg in trainer.loggers if lg not in wandb]
+    result = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    if "test/ppl" not in result:
+        return {}
+    ppl = float(result["test/ppl"])
+    return {"test_ppl": ppl, "test_bpc": float(result.get("test/bpc", math.log2(ppl)))}
+
+
+def _best_checkpoint(trainer: L.Trainer) -> Any:
+    """The ModelCheckpoint that keeps best.ckpt (the one with a monitor; the other writes last.ckpt every epoch)."""
+    return next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")

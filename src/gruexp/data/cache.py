@@ -1,0 +1,124 @@
+"""Encode a corpus once into a token file in the user cache, memory-map it on every later run (nanoGPT's train.bin).
+
+`<cache>/tokens/<sha256 of the source>-<member>-<tokenizer>.bin` holds the ids (uint8 when the vocabulary fits),
+`.json` beside it the vocabulary, token count and dtype. The .json is written last, so its presence means the .bin
+is complete; concurrent runs (DDP ranks, sweep jobs) serialise on a lock file, and the first one encodes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gruexp import cache_dir
+from gruexp.data import tokenizers
+from gruexp.data.corpora import file_digest, read_chunks
+from gruexp.data.tokenizers import Vocab
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the encoding of a tokenizer changes: old token files are then ignored
+
+
+@dataclass
+class Tokens:
+    """An encoded corpus on disk: `ids()` memory-maps it (read-only, shared by every process that maps it)."""
+
+    path: Path
+    n: int
+    dtype: np.dtype
+    vocab: Vocab
+
+    def ids(self) -> np.memmap:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n,))
+
+
+def tokens_dir() -> Path:
+    return cache_dir() / "tokens"
+
+
+def encoded(source: Path, member: str | None, tokenizer: str, name: str | None = None) -> Tokens:
+    """The token file of `source` (or of its zip `member`) under `tokenizer`, encoding it on first use."""
+    digest = file_digest(source)
+    key = f"{digest[:32]}-{re.sub(r'[^A-Za-z0-9_.-]', '_', member or 'file')}-{tokenizer}-v{FORMAT}"
+    folder = tokens_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path, bin_path = folder / f"{key}.json", folder / f"{key}.bin"
+    found = _load(meta_path, bin_path)
+    if found is not None:
+        return found
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be encoding it right now: wait, then reuse
+        found = _load(meta_path, bin_path)
+        if found is not None:
+            return found
+        return _encode(source, member, tokenizer, name or str(source), digest, meta_path, bin_path)
+
+
+def _load(meta_path: Path, bin_path: Path) -> Tokens | None:
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(meta["dtype"])
+        if bin_path.stat().st_size != meta["tokens"] * dtype.itemsize:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return Tokens(bin_path, meta["tokens"], dtype, Vocab(idx_to_token=meta["vocab"]))
+
+
+def _encode(
+    source: Path, member: str | None, tokenizer: str, name: str, digest: str, meta_path: Path, bin_path: Path
+) -> Tokens:
+    t0 = time.perf_counter()
+    fd, tmp_name = tempfile.mkstemp(dir=bin_path.parent, prefix=f".{bin_path.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            vocab, n = tokenizers.encode(
+                lambda: read_chunks(source, member, tokenizers.CHUNK), tokenizer, name, out.write
+            )
+        dtype = tokenizers.token_dtype(len(vocab))
+        if tokenizer == "d2l":  # ids by frequency, known only now: remap the cleaned text in place
+            table = tokenizers.remap_table(vocab)
+            with open(tmp, "r+b") as f:
+                for i in range(0, n, tokenizers.CHUNK):
+                    f.seek(i)
+                    block = f.read(tokenizers.CHUNK)
+                    f.seek(i)
+                    f.write(block.translate(table))
+        os.replace(tmp, bin_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {
+        "format": FORMAT,
+        "source": str(source),
+        "member": member,
+        "sha256": digest,
+        "tokenizer": tokenizer,
+        "tokens": n,
+        "dtype": dtype.name,
+        "vocab": vocab.idx_to_token,
+    }
+    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, meta_path)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "encoded %s (%s tokenizer): %s tokens, vocabulary %d, in %.1f s -> %s",
+        name,
+        tokenizer,
+        f"{n:,}",
+        len(vocab),
+        seconds,
+        bin_path,
+    )
+    return Tokens(bin_path, n, dtype, vocab)
