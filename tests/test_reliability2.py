@@ -335,7 +335,7 @@ def test_unreadable_corpus_names_the_file(tmp_path, corpus_path):
         timeout=300,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"cannot open {corpus} (Permission denied)" in r.stdout + r.stderr
+    assert f"cannot read data.path={corpus}: Permission denied; fix its permissions" in r.stdout + r.stderr
 
 
 # --- a full disk (a real one: a small tmpfs) --------------------------------------------------------------------
