@@ -63,6 +63,9 @@ def test_run_and_resume_print_only_config_epochs_and_result(tmp_path):
     )
     assert re.search(r"^\d\d:\d\d:\d\d epoch 1 sample: time traveller", out, re.M)
     assert len(RESULT.findall(out)) == 1
+    # the end-of-run test on best.ckpt: its result line, once, without Lightning's loading lines or a 2nd config line
+    assert re.search(r"^\d\d:\d\d:\d\d test/ppl \d+\.\d{3} \| test/bpc \d+\.\d{3} ", out, re.M)
+    assert "Restoring states" not in out and "Loaded model weights" not in out and out.count(" config ") == 1
 
     # the resumed run writes into its own folder: Lightning's warning about the checkpoint's other folder is noise
     r = run_cli("gruexp.train", *D2L_TINY, "trainer.max_epochs=2", f"ckpt_path={first}", f"hydra.run.dir={second}")

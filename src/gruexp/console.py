@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
@@ -59,14 +61,32 @@ class _DropMessages(logging.Filter):
 _FILTER = _DropMessages(NOISY_INFO)
 
 
+_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.distributed",
+    "lightning.pytorch.trainer.connectors.checkpoint_connector",
+)
+
+
+@contextmanager
+def quiet_restore() -> Iterator[None]:
+    """Around trainer.test(ckpt_path=best) at a run's end: Lightning's two lines on loading the checkpoint say
+    nothing the test result line does not (on a resume, the same "Restoring states" line stays)."""
+    drop = _DropMessages(("Restoring states from the checkpoint path at ", "Loaded model weights from the checkpoint"))
+    loggers = [logging.getLogger(name) for name in _LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
 def quiet() -> None:
     """Silence Lightning's known noise for this process (idempotent); every other message and warning still shows."""
-    for name in (
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.fabric.utilities.rank_zero",
-        "lightning.fabric.utilities.distributed",
-        "lightning.pytorch.trainer.connectors.checkpoint_connector",
-    ):
+    for name in _LOGGERS:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import checks, faults, launch, search, tracking
+from gruexp import checks, console, faults, launch, search, tracking
 
 log = logging.getLogger("gruexp.train")
 
@@ -201,7 +201,8 @@ def _test(trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict
     # the W&B run was finished with fit (tracking.WandbLogger.finalize): testing through it would start a second run
     wandb = tracking.wandb_loggers(trainer.loggers)
     trainer.loggers = [lg for lg in trainer.loggers if lg not in wandb]
-    result = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    with console.quiet_restore():
+        result = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     if "test/ppl" not in result:
         return {}
     ppl = float(result["test/ppl"])
