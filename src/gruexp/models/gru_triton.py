@@ -50,34 +50,34 @@ def _tile(ptr, rows, cols, row_stride, mask):
 
 
 @triton.jit
-def _h_times_wt(
-    x_ptr, x_stride, w_ptr, rb, mb, cj, mj, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PREC: tl.constexpr
+def _times_w(
+    x_ptr,
+    x_stride,
+    w_ptr,
+    rb,
+    mb,
+    cj,
+    mj,
+    H,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PREC: tl.constexpr,
+    TRANS_W: tl.constexpr,
 ):
-    """x [BLOCK_B, H] (rows rb of x_ptr) times W^T[:, cj] for the [H, H] block W at w_ptr: [BLOCK_B, BLOCK_H]."""
+    """x [BLOCK_B, H] (rows rb of x_ptr) times W^T[:, cj] (TRANS_W, the forward's h W^T) or W[:, cj] (the backward's
+    d W) for the [H, H] block W at w_ptr: [BLOCK_B, BLOCK_H]."""
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     ck0 = tl.arange(0, BLOCK_H)
     for k0 in range(0, H, BLOCK_H):
         ck = k0 + ck0
         mk = ck < H
         x = _tile(x_ptr, rb, ck, x_stride, mb[:, None] & mk[None, :])
-        w_t = tl.load(w_ptr + cj[None, :] * H + ck[:, None], mask=mk[:, None] & mj[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(x, w_t, acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _d_times_w(
-    d_ptr, d_stride, w_ptr, rb, mb, cj, mj, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PREC: tl.constexpr
-):
-    """d [BLOCK_B, H] (rows rb of d_ptr) times W[:, cj] for the [H, H] block W at w_ptr: [BLOCK_B, BLOCK_H]."""
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    ck0 = tl.arange(0, BLOCK_H)
-    for k0 in range(0, H, BLOCK_H):
-        ck = k0 + ck0
-        mk = ck < H
-        d = _tile(d_ptr, rb, ck, d_stride, mb[:, None] & mk[None, :])
-        w = tl.load(w_ptr + ck[:, None] * H + cj[None, :], mask=mk[:, None] & mj[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(d, w, acc, input_precision=PREC)
+        if TRANS_W:
+            w_offsets = cj[None, :] * H + ck[:, None]
+        else:
+            w_offsets = ck[:, None] * H + cj[None, :]
+        w = tl.load(w_ptr + w_offsets, mask=mk[:, None] & mj[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
     return acc
 
 
@@ -105,9 +105,9 @@ def forward_reset_after_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            gh_r = _h_times_wt(h_prev, H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
-            gh_z = _h_times_wt(h_prev, H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
-            gh_n = _h_times_wt(h_prev, H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            gh_r = _times_w(h_prev, H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
+            gh_z = _times_w(h_prev, H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
+            gh_n = _times_w(h_prev, H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
             gh_r += tl.load(b_ptr + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
             gh_z += tl.load(b_ptr + H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
             gh_n += tl.load(b_ptr + 2 * H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
@@ -141,8 +141,8 @@ def forward_reset_before_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            a_r = _h_times_wt(h_prev, H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
-            a_z = _h_times_wt(h_prev, H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            a_r = _times_w(h_prev, H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
+            a_z = _times_w(h_prev, H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
             a_r += tl.load(b_ptr + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
             a_z += tl.load(b_ptr + H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
             r = tl.sigmoid(_tile(gi_ptr, rows, cj, 3 * H, m) + a_r)
@@ -155,7 +155,7 @@ def forward_reset_before_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            a_n = _h_times_wt(rh_t, H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            a_n = _times_w(rh_t, H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
             a_n += tl.load(b_ptr + 2 * H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
             n = _tanh(_tile(gi_ptr + 2 * H, rows, cj, 3 * H, m) + a_n)
             z = _tile(rz_t + H, rb, cj, 2 * H, m)
@@ -204,9 +204,9 @@ def backward_reset_after_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            acc = _d_times_w(dgh_t, 3 * H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
-            acc += _d_times_w(dgh_t + H, 3 * H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
-            acc += _d_times_w(dgh_t + 2 * H, 3 * H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            acc = _times_w(dgh_t, 3 * H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, False)
+            acc += _times_w(dgh_t + H, 3 * H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, False)
+            acc += _times_w(dgh_t + 2 * H, 3 * H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, False)
             acc += _tile(dh_t, rb, cj, H, m) * _tile(g_t + H, rb, cj, 3 * H, m)
             out = dh_ptr + t * B * H + rb[:, None] * H + cj[None, :]
             tl.store(out, tl.load(out, mask=m, other=0.0) + acc, mask=m)
@@ -243,7 +243,7 @@ def backward_reset_before_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            drh = _d_times_w(d_t + 2 * H, 3 * H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            drh = _times_w(d_t + 2 * H, 3 * H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, False)
             r = _tile(rz_t, rb, cj, 2 * H, m)
             z = _tile(rz_t + H, rb, cj, 2 * H, m)
             h_prev = _tile(hs_ptr + t * B * H, rb, cj, H, m)
@@ -256,8 +256,8 @@ def backward_reset_before_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            acc = _d_times_w(d_t, 3 * H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
-            acc += _d_times_w(d_t + H, 3 * H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            acc = _times_w(d_t, 3 * H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, False)
+            acc += _times_w(d_t + H, 3 * H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, False)
             out = out_t + rb[:, None] * H + cj[None, :]
             tl.store(out, tl.load(out, mask=m, other=0.0) + acc, mask=m)
         tl.debug_barrier()
