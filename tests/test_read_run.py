@@ -74,3 +74,11 @@ def test_read_run_full_and_cli(run_folder):
         and r.stderr.strip()
         == (f"error: {out / 'csv'} holds no W&B run (run-*.wandb): pass <run folder>/wandb/offline-run-...")
     )
+
+
+def test_summary_of_a_defined_metric_prints_in_one_order_whatever_wandb_wrote():
+    # wandb writes a define_metric summary ({min, last}) in no fixed key order; the printed line must not depend on it
+    base = {"run": {"name": "r", "id": "x"}, "config": {}, "history": []}
+    a = Run({**base, "summary": {"val/ppl": {"min": 12.5, "last": 13.25}}})
+    b = Run({**base, "summary": {"val/ppl": {"last": 13.25, "min": 12.5}}})
+    assert "final: val/ppl last 13.25 min 12.5" in str(a).splitlines() and str(a) == str(b)

@@ -259,8 +259,8 @@ def _is_metric(key: str, value: Any) -> bool:
 
 
 def _fmt(key: str, value: Any) -> str:
-    if isinstance(value, Mapping):  # define_metric summaries, e.g. val/ppl {min, last}
-        return " ".join(f"{k} {_fmt(key, v)}" for k, v in value.items())
+    if isinstance(value, Mapping):  # define_metric summaries, e.g. val/ppl {min, last}, in no fixed order: sorted
+        return " ".join(f"{k} {_fmt(key, v)}" for k, v in sorted(value.items()))
     if "tokens" in key:
         return f"{value:,.0f}"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
