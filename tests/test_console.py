@@ -33,6 +33,7 @@ NOISE = [
     "Initializing distributed",
     "Restored all states",
     "distributed_backend=",
+    "estimate number of stepping batches",  # a per-step schedule asking Lightning for the run's total steps
 ]
 # The d2l_classic shape (8 batches an epoch, log_every_n_steps must fit), tiny hidden size, validation every epoch.
 D2L_TINY = [
@@ -41,6 +42,7 @@ D2L_TINY = [
     "trainer.max_epochs=1",
     "trainer.check_val_every_n_epoch=1",
     "logger=csv",
+    "scheduler={_target_: gruexp.schedules.warmup_cosine, _partial_: true}",  # per step: asks for the total
 ]
 RESULT = re.compile(r"^\d\d:\d\d:\d\d val/ppl \d+\.\d{3} \| train/ppl \d+\.\d{3} \| ", re.M)
 

@@ -32,6 +32,8 @@ NOISY_INFO = (
     "Restored all states from the checkpoint at ",
     # checkpoint_connector.py: on every trainer.save_checkpoint() without weights_only (the interrupt's last.ckpt)
     "`weights_only` was not set, defaulting to `False`.",
+    # trainer.py: a per-step schedule (gruexp.schedules) asks for the run's total steps before fit starts
+    "Loading `train_dataloader` to estimate number of stepping batches.",
 )
 
 # (category, message regex) of warnings that are not about the user's run.

@@ -7,6 +7,7 @@ from batch shapes, and the divergence check (gruexp.faults.StepChecks) reads the
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -357,4 +358,9 @@ class CharLM(L.LightningModule):
         opt = (self.optimizer or torch.optim.SGD)(self.parameters(), **({} if self.optimizer else {"lr": 1.0}))
         if self.scheduler is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "epoch"}}
+        # a scheduler that takes total_steps (gruexp.schedules.warmup_cosine, OneCycleLR) spans the run step by step
+        if "total_steps" not in inspect.signature(self.scheduler).parameters:
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "epoch"}}
+        given = getattr(self.scheduler, "keywords", {}).get("total_steps")
+        total = {} if given is not None else {"total_steps": int(self.trainer.estimated_stepping_batches)}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt, **total), "interval": "step"}}
