@@ -290,3 +290,28 @@ def test_gpu_experiments_run_on_a_built_zip(experiment, tmp_path, make_cfg):
     rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
     assert len([r for r in rows if r.get("val/ppl")]) == 2  # twice in the epoch
     assert math.isfinite(summary["test_ppl"]) and summary["test_bpc"] == pytest.approx(math.log2(summary["test_ppl"]))
+
+
+@pytest.mark.parametrize("experiment", ["shakespeare_quick", "shakespeare_gru"])
+def test_shakespeare_experiments_decay_their_rate_to_zero_over_the_run(experiment, tmp_path, make_cfg):
+    """The nanoGPT-comparison recipes compose and train (shrunk) on the real file; the warmup + cosine schedule is
+    stepped every step and reaches 0 at the run's last step, whatever max_epochs is."""
+    import torch
+
+    from gruexp.train import train
+
+    cfg = make_cfg(
+        f"experiment={experiment}",
+        "model.hidden_size=8",
+        "data.max_tokens=6000",
+        "data.val_tokens=500",
+        "scheduler.warmup_steps=2",
+        "trainer.max_epochs=2",
+        "logger=csv",
+        out=tmp_path / "run",
+    )
+    summary = train(cfg)
+    assert summary["status"] == "completed" and summary["sample"].startswith("ROMEO:")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == ckpt["global_step"] > 100  # stepped every step of both epochs
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
