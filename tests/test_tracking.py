@@ -111,3 +111,17 @@ def test_multirun_jobs_are_separate_runs_in_one_group(tmp_path, logged_out):
         assert math.isfinite(s["val_ppl"])
         assert f"wandb sync {run_dir}" in r.stdout + r.stderr
     assert runs["0"]["run"]["id"] != runs["1"]["run"]["id"]
+
+
+def test_step_metrics_are_one_csv_row_per_logging_step(make_cfg, tmp_path):
+    # train/loss and train/grad_norm go to the loggers together, at Lightning's steps (every 5th, counted from 0)
+    import csv
+
+    cfg = make_cfg("logger=csv", "trainer.log_every_n_steps=5")
+    summary = train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    logged = [r for r in rows if r["train/loss"] or r["train/grad_norm"]]
+    assert logged and all(r["train/loss"] and r["train/grad_norm"] and r["epoch"] for r in logged)
+    steps = [int(r["step"]) for r in logged]
+    assert steps == list(range(4, summary["global_step"], 5))
+    assert all(0 < float(r["train/loss"]) < 10 and float(r["train/grad_norm"]) > 0 for r in logged)
