@@ -93,6 +93,15 @@ def test_generate_greedy_and_sampled(make_cfg, tmp_path, corpus_path):
     assert a != b and len(a) == len(b) == 34
 
 
+def test_generate_keeps_the_case_of_a_vocabulary_with_capitals(make_cfg, tmp_path):
+    # tiny Shakespeare's chars vocabulary has "R" and "r": lower-casing "ROMEO:" would prompt another text
+    train(make_cfg("data=tinyshakespeare", "model=torch", "trainer.max_epochs=1"))
+    model = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert "R" in model.vocab.token_to_idx and "r" in model.vocab.token_to_idx
+    out = generate(model, "ROMEO:", 20)
+    assert out.startswith("ROMEO:") and len(out) == 26
+
+
 def test_cli_train_then_generate(tmp_path, corpus_path):
     run = tmp_path / "run"
     r = run_cli(

@@ -34,12 +34,14 @@ def load(ckpt_path: str | Path, device: str = "cpu") -> CharLM:
 
 
 def generate(model: CharLM, prefix: str, num_chars: int = 50, temperature: float = 0.0, seed: int = 0) -> str:
-    """The prefix and its continuation; the prefix is lower-cased like the corpus, unknown characters -> <unk>."""
+    """The prefix and its continuation; unknown characters -> <unk>. A vocabulary without capitals (d2l's
+    letters-only, lower-cased tokens) gets the prefix lower-cased; a chars or bytes vocabulary gets it as typed."""
     if isinstance(num_chars, bool) or not isinstance(num_chars, int) or num_chars < 0:
         raise UserError(f"num_chars must be an integer >= 0, got {num_chars!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise UserError(f"temperature must be a finite number >= 0, got {temperature!r}")  # nan would act as greedy
-    prefix = prefix.lower()
+    if not any(t.isupper() for t in model.vocab.idx_to_token):
+        prefix = prefix.lower()
     unknown = sorted({c for c in prefix if c not in model.vocab.token_to_idx})
     if not prefix or len(unknown) == len(set(prefix)):
         raise UserError(
