@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -25,10 +26,19 @@ def test_warmup_cosine_rises_linearly_then_decays_to_its_floor():
     assert lrs[10] == lrs[11] == lrs[12] == pytest.approx(0.2)  # held at the floor past total_steps
 
 
-def test_warmup_cosine_refuses_a_warmup_as_long_as_the_run():
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    with pytest.raises(ValueError, match="warmup_steps=5"):
-        warmup_cosine(opt, total_steps=5, warmup_steps=5)
+def test_a_warmup_as_long_as_the_run_is_one_line_naming_the_key(tmp_path):
+    from conftest import TINY, run_cli
+
+    sched = "scheduler={_target_: gruexp.schedules.warmup_cosine, _partial_: true, warmup_steps: 100000}"
+    r = run_cli("gruexp.train", *TINY, "logger=csv", sched, f"hydra.run.dir={tmp_path / 'run'}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-2000:]
+    assert "FAILED:" not in out and "sample:" not in out  # no result line for a run that never trained
+    assert (
+        "scheduler.warmup_steps=100000 must be >= 0 and below the run's 74 optimizer steps: lower it (or train longer)"
+        in out
+    )
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
 
 
 def test_a_run_with_total_steps_left_out_decays_over_its_own_steps(tmp_path, make_cfg, corpus_path):

@@ -12,16 +12,23 @@ import math
 
 import torch
 
+from gruexp import UserError
+
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0 to the optimizer's lr over `warmup_steps`, then cosine decay to `min_lr_ratio` × lr."""
-    if total_steps < 1 or not 0 <= warmup_steps < total_steps or not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(
-            f"warmup_cosine needs total_steps >= 1, 0 <= warmup_steps < total_steps and 0 <= min_lr_ratio <= 1, "
-            f"got total_steps={total_steps} warmup_steps={warmup_steps} min_lr_ratio={min_lr_ratio}"
+    # UserError: the values come from the config, so a bad one is one line naming its key (exit 2)
+    if total_steps < 1:
+        raise UserError(f"scheduler.total_steps={total_steps}: a run needs at least 1 optimizer step")
+    if not 0 <= warmup_steps < total_steps:
+        raise UserError(
+            f"scheduler.warmup_steps={warmup_steps} must be >= 0 and below the run's {total_steps} optimizer steps:"
+            " lower it (or train longer)"
         )
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise UserError(f"scheduler.min_lr_ratio={min_lr_ratio} must be between 0 and 1 (a fraction of the lr)")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -143,6 +143,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         full_disk = _write_summary(out, summary, started_at)
         if full_disk is not None and error is None:
             error = full_disk  # the run trained, but its record could not be written: it did not succeed
+    # a run that failed before its first step (a bad value found as fit starts) has no result: its error says it all
+    if trainer.is_global_zero and (status != "failed" or trainer.global_step > 0):
         log.info(
             "%sval/ppl %.3f | train/ppl %.3f | %s tokens/sec | %s",
             "" if summary["status"] == "completed" else f"{summary['status'].upper()}: ",
