@@ -82,6 +82,13 @@ def _times_w(
 
 
 @triton.jit
+def _gate(x_ptr, w_ptr, b_ptr, g, rb, mb, cj, mj, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PREC: tl.constexpr):
+    """Gate g's recurrent pre-activation x W_hg^T + b_hg for rows rb, columns cj: [BLOCK_B, BLOCK_H]."""
+    acc = _times_w(x_ptr, H, w_ptr + g * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
+    return acc + tl.load(b_ptr + g * H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gi_rows(tok_ptr, t, B, rb, mb, HAS_TOK: tl.constexpr):
     """Row of gi for (t, batch rows rb): the token id in the table [V, 3H] (layer 0) or t * B + b in [T, B, 3H]."""
     if HAS_TOK:
@@ -105,12 +112,9 @@ def forward_reset_after_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            gh_r = _times_w(h_prev, H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
-            gh_z = _times_w(h_prev, H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
-            gh_n = _times_w(h_prev, H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
-            gh_r += tl.load(b_ptr + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
-            gh_z += tl.load(b_ptr + H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
-            gh_n += tl.load(b_ptr + 2 * H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
+            gh_r = _gate(h_prev, w_ptr, b_ptr, 0, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            gh_z = _gate(h_prev, w_ptr, b_ptr, 1, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            gh_n = _gate(h_prev, w_ptr, b_ptr, 2, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
             r = tl.sigmoid(_tile(gi_ptr, rows, cj, 3 * H, m) + gh_r)
             z = tl.sigmoid(_tile(gi_ptr + H, rows, cj, 3 * H, m) + gh_z)
             n = _tanh(_tile(gi_ptr + 2 * H, rows, cj, 3 * H, m) + r * gh_n)
@@ -141,10 +145,8 @@ def forward_reset_before_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            a_r = _times_w(h_prev, H, w_ptr, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
-            a_z = _times_w(h_prev, H, w_ptr + H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
-            a_r += tl.load(b_ptr + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
-            a_z += tl.load(b_ptr + H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
+            a_r = _gate(h_prev, w_ptr, b_ptr, 0, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
+            a_z = _gate(h_prev, w_ptr, b_ptr, 1, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
             r = tl.sigmoid(_tile(gi_ptr, rows, cj, 3 * H, m) + a_r)
             z = tl.sigmoid(_tile(gi_ptr + H, rows, cj, 3 * H, m) + a_z)
             tl.store(rz_t + rb[:, None] * (2 * H) + cj[None, :], r, mask=m)
@@ -155,8 +157,7 @@ def forward_reset_before_kernel(
             cj = j0 + tl.arange(0, BLOCK_H)
             mj = cj < H
             m = mb[:, None] & mj[None, :]
-            a_n = _times_w(rh_t, H, w_ptr + 2 * H * H, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC, True)
-            a_n += tl.load(b_ptr + 2 * H + cj, mask=mj, other=0.0).to(tl.float32)[None, :]
+            a_n = _gate(rh_t, w_ptr, b_ptr, 2, rb, mb, cj, mj, H, BLOCK_B, BLOCK_H, PREC)
             n = _tanh(_tile(gi_ptr + 2 * H, rows, cj, 3 * H, m) + a_n)
             z = _tile(rz_t + H, rb, cj, 2 * H, m)
             h = n + z * (_tile(h_prev, rb, cj, H, m) - n)
