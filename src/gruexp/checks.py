@@ -349,17 +349,21 @@ def model_signature(model_cfg: Any, vocab: Sequence[str]) -> dict[str, Any]:
     return sig
 
 
+def vocab_difference(theirs: Sequence[str], mine: Sequence[str]) -> str:
+    """Where two unequal vocabularies part, for an error line: `token 3 is 'a', here 'b'`, or their sizes."""
+    at = next((i for i, (a, b) in enumerate(zip(theirs, mine, strict=False)) if a != b), None)
+    return f"token {at} is {theirs[at]!r}, here {mine[at]!r}" if at is not None else "sizes"
+
+
 def _differs(path: Path, hp: dict, expect: dict[str, Any]) -> str | None:
     """The first way the checkpoint's hyper-parameters differ from the run's signature, as a sentence, or None."""
     theirs = model_signature(hp, hp["vocab"])
     for key, mine in expect.items():
         if key == "vocab":
             if theirs["vocab"] != mine:
-                at = next((i for i, (a, b) in enumerate(zip(theirs["vocab"], mine, strict=False)) if a != b), None)
-                where = f"token {at} is {theirs['vocab'][at]!r}, here {mine[at]!r}" if at is not None else "sizes"
                 return (
                     f"was trained on another vocabulary ({len(theirs['vocab'])} tokens, this corpus has {len(mine)}; "
-                    f"{where}): resume with that run's corpus (data.path)"
+                    f"{vocab_difference(theirs['vocab'], mine)}): resume with that run's corpus (data.path)"
                 )
         elif key in theirs and theirs[key] != mine:
             return f"was trained with {key}={theirs[key]}, this run has {key}={mine}: give that run's model overrides"

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from gruexp import UserError, faults
+from gruexp import UserError, checks, faults
 from gruexp.data import CharDataModule
 from gruexp.generate import load
 
@@ -52,10 +52,9 @@ def evaluate(ckpt_path: str | Path, split: str = "test", device: str = "cpu", **
     dm = CharDataModule(**options)
     if dm.vocab.idx_to_token != model.vocab.idx_to_token:
         a, b = model.vocab.idx_to_token, dm.vocab.idx_to_token
-        i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         raise UserError(
             f"{ckpt_path} was trained on a vocabulary of {len(a)} tokens that is not this corpus's ({len(b)} tokens, "
-            f"{dm.describe().split(':')[0]}; they first differ at id {i}): evaluate it on the corpus and "
+            f"{dm.describe().split(':')[0]}; {checks.vocab_difference(a, b)}): evaluate it on the corpus and "
             "data.tokenizer it was trained with"
         )
     loader = dm.eval_dataloader(split)
