@@ -102,3 +102,12 @@ def run_cli(module: str, *args: str, cwd: Path = ROOT, timeout: float = 300) -> 
         text=True,
         timeout=timeout,
     )
+
+
+def outputs_and_grads(net: torch.nn.Module, x: torch.Tensor, h0: torch.Tensor) -> list[torch.Tensor]:
+    """logits, state and the gradients of h0 and every parameter, for a loss touching all outputs."""
+    net.zero_grad()
+    s = h0.clone().requires_grad_()
+    logits, state = net(x, s)
+    (logits.square().mean() + state.sum()).backward()
+    return [logits, state, s.grad, *(p.grad.clone() for p in net.parameters())]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import outputs_and_grads
 
 pytest.importorskip("triton")  # the kernels' tests; the package is in the dev extra (Linux)
 import torch.nn.functional as F
@@ -130,11 +131,7 @@ def test_gruexp_fused_cpu_triton_runs_the_model_on_the_kernels(monkeypatch, num_
     outs = []
     for backend in (None, "ops"):  # None: the environment's choice
         net.rnn.backend = backend
-        net.zero_grad()
-        s = h0.clone().requires_grad_()
-        logits, state = net(x, s)
-        (logits.square().mean() + state.sum()).backward()
-        outs.append([logits, state, s.grad, *(p.grad.clone() for p in net.parameters())])
+        outs.append(outputs_and_grads(net, x, h0))
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import outputs_and_grads
 
 from gruexp import UserError
 from gruexp.models import build_model, choose_backend
@@ -75,15 +76,6 @@ def test_gruexp_fused_cpu_triton_needs_the_interpreter(monkeypatch):
         build_model("fused", 28, 8)
 
 
-def run(net, x, h0):
-    """logits, state and the gradients of h0 and every parameter, for a loss touching all outputs."""
-    net.zero_grad()
-    s = h0.clone().requires_grad_()
-    logits, state = net(x, s)
-    (logits.square().mean() + state.sum()).backward()
-    return [logits, state, s.grad, *(p.grad.clone() for p in net.parameters())]
-
-
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_cudnn_backend_equals_fused_and_nn_gru_on_the_same_state_dict(num_layers):
     """_VF.gru on fused's own parameters: fused's C loop and nn.GRU (TorchGRU, same state_dict) to 1e-6."""
@@ -93,11 +85,11 @@ def test_cudnn_backend_equals_fused_and_nn_gru_on_the_same_state_dict(num_layers
     ref.load_state_dict(net.state_dict())
     x, h0 = torch.randint(0, V, (B, T)), torch.randn(num_layers, B, H)
     net.rnn.backend = "cudnn"
-    got = run(net, x, h0)
+    got = outputs_and_grads(net, x, h0)
     net.rnn.backend = "c"
-    for a, b in zip(got, run(net, x, h0), strict=True):
+    for a, b in zip(got, outputs_and_grads(net, x, h0), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    for a, b in zip(got, run(ref, x, h0), strict=True):
+    for a, b in zip(got, outputs_and_grads(ref, x, h0), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import outputs_and_grads
 
 from gruexp.models import build_model
 
@@ -32,14 +33,6 @@ def tf32(request):
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def run(net, x, h0):
-    net.zero_grad()
-    s = h0.clone().requires_grad_()
-    logits, state = net(x, s)
-    (logits.square().mean() + state.sum()).backward()
-    return [logits, state, s.grad, *(p.grad.clone() for p in net.parameters())]
-
-
 CASES = [(b, ra, L) for ra in (True, False) for b in ("cudnn", "triton", "ops") if ra or b != "cudnn" for L in (1, 2)]
 
 
@@ -53,8 +46,8 @@ def test_backend_matches_float64_reference(backend, reset_after, num_layers, tf3
     net.load_state_dict(ref.state_dict())
     net.rnn.backend = backend
     x, h0 = torch.randint(0, V, (B, T)), torch.randn(num_layers, B, H)
-    expected = run(ref, x, h0.double())
-    got = run(net, x.cuda(), h0.cuda())
+    expected = outputs_and_grads(ref, x, h0.double())
+    got = outputs_and_grads(net, x.cuda(), h0.cuda())
     tol = dict(atol=2e-2, rtol=2e-2) if tf32 else dict(atol=2e-5, rtol=1e-4)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(g.double().cpu(), e, **tol, msg=f"tensor {i}")
@@ -70,7 +63,7 @@ def test_auto_decides_once_caches_and_matches(reset_after, tf32, tmp_path, monke
     ref.load_state_dict(net.state_dict())
     ref.rnn.backend = "ops"
     x, h0 = torch.randint(0, V, (B, T), device="cuda"), torch.randn(1, B, H, device="cuda")
-    for g, e in zip(run(net, x, h0), run(ref, x, h0), strict=True):
+    for g, e in zip(outputs_and_grads(net, x, h0), outputs_and_grads(ref, x, h0), strict=True):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
     [decision] = json.loads((tmp_path / "gruexp" / "fused_autotune.json").read_text()).values()
     assert decision["backend"] in (("cudnn", "triton") if reset_after else ("triton",)), decision
