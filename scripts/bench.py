@@ -516,8 +516,9 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"timing framework {v} B={B} H={H} ...", file=sys.stderr, flush=True)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals
-                    steps = args.framework_steps
-                    fw, bare = framework_vs_bare(v, V, B, T, H, device, steps, args.warmup, LOG_EVERY, args.seed)
+                    fw, bare = framework_vs_bare(
+                        v, V, B, T, H, device, args.framework_steps, args.warmup, LOG_EVERY, args.seed
+                    )
                 fw_rate, bare_rate = (B * T * LOG_EVERY / statistics.median(windows(t, LOG_EVERY)) for t in (fw, bare))
                 row = {"variant": v, "batch": B, "hidden": H, "steps": len(fw)}
                 row |= {"framework_tokens_per_sec": fw_rate, "bare_tokens_per_sec": bare_rate}
