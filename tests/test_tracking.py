@@ -125,3 +125,44 @@ def test_step_metrics_are_one_csv_row_per_logging_step(make_cfg, tmp_path):
     steps = [int(r["step"]) for r in logged]
     assert steps == list(range(4, summary["global_step"], 5))
     assert all(0 < float(r["train/loss"]) < 10 and float(r["train/grad_norm"]) > 0 for r in logged)
+
+
+def test_step_metrics_reach_csv_every_flush_not_every_logging_step(tmp_path):
+    # Lightning's logger connector saves every logger after each call (#4664): metrics.csv was reopened at every
+    # logging step. Step metrics now honour CSVLogger's flush_logs_every_n_steps; the run's end writes the rest.
+    import functools
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gruexp.module import CharLM
+
+    csv_file = tmp_path / "run" / "metrics.csv"
+    rows_at: dict[int, int] = {}
+
+    class CountRows(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            n = len(csv_file.read_text().splitlines()) - 1 if csv_file.exists() else 0
+            rows_at[trainer.fit_loop.epoch_loop._batches_that_stepped] = n
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(4, (2, 5), generator=g), torch.randint(4, (2, 5), generator=g)) for _ in range(12)]
+    model = CharLM("fused", 8, list("abcd"), optimizer=functools.partial(torch.optim.SGD, lr=0.1), sample_chars=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path, name="run", version="", flush_logs_every_n_steps=4),
+        callbacks=[CountRows()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    # logging steps 1, 3, 5, ...: the file grows at steps 3 and 7 (step + 1 a multiple of 4) and nowhere between
+    assert [rows_at[s] for s in range(11)] == [0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4]
+    rows = [line.split(",") for line in csv_file.read_text().splitlines()]
+    steps = sorted(int(r[rows[0].index("step")]) for r in rows[1:] if r[rows[0].index("train/loss")])
+    assert steps == [1, 3, 5, 7, 9, 11]  # none lost: the rest is written when training ends
