@@ -13,7 +13,7 @@ Tokens are random ids: the rate of a GRU does not depend on the text.
 
 --repeat N runs all of it N times and reports each ratio's median and spread (min-max) over the runs.
 --framework also runs the real CharLM training step through Lightning's loop (Trainer.fit with gruexp's divergence
-and interrupt checks, gradient clipping, a CSV logger writing every 10 steps) and, after each of its windows of 10
+and interrupt checks, gradient clipping, a CSV logger logging every 10 steps) and, after each of its windows of 10
 steps, 10 bare steps, so both are timed under the same load: 200 steps each (--framework-steps), each rate the
 median over 10-step windows (a logging step in each), and framework/bare, per variant and shape.
 """

@@ -125,3 +125,24 @@ def test_profile_step_lists_where_a_step_spends_its_time():
     assert len(rows) == 15 and all(len(cells) == 3 for _, cells in rows)
     calls = {name: cells[2] for name, cells in rows}
     assert calls["GRURecurrence"] == calls["GRURecurrenceBackward"] == "1.0"  # one call per step: no Python loop
+
+
+def test_framework_phases_set_each_lightning_phase_against_the_bare_one():
+    args = ["--shape", "4x16", "--steps", "20", "--threads", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "framework_phases.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "fused B=4 H=16 T=35, 1 thread: ms per step, median of 20"
+    rows = {line[:44].strip(): [float(x) for x in line[44:].split()] for line in lines[2:]}  # names: 44 wide
+    total = rows.pop("sum of the rows")
+    assert len(rows) == 7 and all(len(r) == 3 and r[0] > 0 for r in rows.values())
+    assert all(abs(r[0] - r[1] - r[2]) < 2e-3 for r in [*rows.values(), total])  # extra = Lightning - bare
+    assert abs(total[0] - sum(r[0] for r in rows.values())) < 5e-3 and total[1] > 0
+    assert rows["loop, next batch, batch-start hooks"][1] == 0 and rows["backward"][1] > 0  # bare has no loop
+    assert "GPU available" not in proc.stdout + proc.stderr

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Where the framework's extra time per step goes: CharLM through Trainer.fit, cut at Lightning's hooks, phase by
+phase against the bare step, one bare step after each Lightning step in one process.
+
+    python scripts/framework_phases.py [--variant fused] [--shape 32x256] [--steps 300] [--threads 2]
+
+`bench.py --framework` says how much the framework costs; this says where. The Lightning step is cut where its
+hooks run (the last callback and CharLM's own hooks mark the time), the bare step (bench.py's TrainStep) where its
+code does the same work; each phase's figure is its median over the steps, so the rows need not add up exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import logging
+import signal
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gruexp.models import MODEL_NAMES
+
+_spec = importlib.util.spec_from_file_location("bench", Path(__file__).with_name("bench.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+# (phase, its first and last mark in a Lightning step, the bare step's phase doing that work or None)
+PHASES = (
+    ("loop, next batch, batch-start hooks", "prev_end", "on_train_batch_start", None),
+    ("closure and optimizer_step set-up", "on_train_batch_start", "training_step", None),
+    ("training_step | forward + loss", "training_step", "training_step_end", "forward"),
+    ("zero_grad and its hooks | zero_grad", "training_step_end", "on_before_backward", "zero_grad"),
+    ("backward", "on_before_backward", "on_after_backward", "backward"),
+    ("clip + SGD and their hooks | clip + SGD", "on_after_backward", "optimizer_step_end", "step"),
+    ("batch-end hooks", "optimizer_step_end", "on_train_batch_end", None),
+)
+
+
+def phases(name: str, B: int, H: int, steps: int, warmup: int, seed: int) -> tuple[dict, dict]:
+    """Per phase, the seconds of each Lightning step and of each bare step, interleaved one to one."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gruexp.faults import DivergenceDetector, InterruptCheckpoint
+    from gruexp.module import CharLM
+
+    V, T, clock = 28, 35, time.perf_counter
+    marks: dict[str, float] = {}
+    framework: dict[str, list[float]] = {p[0]: [] for p in PHASES}
+    bare_s: dict[str, list[float]] = {"forward": [], "zero_grad": [], "backward": [], "step": []}
+    bare = bench.TrainStep(name, V, B, T, H, torch.device("cpu"), seed)
+    done = 0
+
+    def bare_step() -> None:
+        t0 = clock()
+        logits, state = bare.net(bare.X, bare.state)
+        bare.state = state.detach()
+        loss = F.cross_entropy(logits.reshape(-1, V), bare.Y.reshape(-1))
+        t1 = clock()
+        bare.opt.zero_grad(set_to_none=True)
+        t2 = clock()
+        loss.backward()
+        t3 = clock()
+        torch.nn.utils.clip_grad_norm_(bare.net.parameters(), 1.0)
+        bare.opt.step()
+        t4 = clock()
+        if done > warmup:
+            for key, s in zip(bare_s, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                bare_s[key].append(s)
+
+    class Marks(Callback):
+        def on_train_batch_start(self, *args) -> None:
+            marks["on_train_batch_start"] = clock()
+
+        def on_before_backward(self, *args) -> None:
+            marks["on_before_backward"] = clock()
+
+        def on_after_backward(self, *args) -> None:
+            marks["on_after_backward"] = clock()
+
+        def on_train_batch_end(self, *args) -> None:
+            nonlocal done
+            marks["on_train_batch_end"] = clock()
+            done += 1
+            if done > warmup:
+                for phase, first, last, _ in PHASES:
+                    framework[phase].append(marks[last] - marks[first])
+            bare_step()
+            marks["prev_end"] = clock()  # the next Lightning step starts once the bare step is done
+
+    class Marked(CharLM):
+        def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+            marks["training_step"] = clock()
+            loss = super().training_step(batch, batch_idx)
+            marks["training_step_end"] = clock()
+            return loss
+
+        def optimizer_step(self, *args, **kwargs) -> None:
+            super().optimizer_step(*args, **kwargs)
+            marks["optimizer_step_end"] = clock()
+
+    torch.manual_seed(seed)
+    model = Marked(name, H, [f"c{i}" for i in range(V)], optimizer=functools.partial(torch.optim.SGD, lr=1.0))
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)) for _ in range(steps)]
+    previous = signal.getsignal(signal.SIGTERM)  # Lightning leaves its SIGTERM handler behind after fit
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            gradient_clip_val=1.0,
+            limit_val_batches=0,
+            log_every_n_steps=bench.LOG_EVERY,
+            logger=CSVLogger(tmp, name="phases"),
+            callbacks=[DivergenceDetector(), InterruptCheckpoint(), Marks()],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        try:
+            trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return framework, bare_s
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", choices=MODEL_NAMES, default="fused")
+    p.add_argument("--shape", type=bench.parse_shapes, default=bench.parse_shapes("32x256"), help="BATCHxHIDDEN")
+    p.add_argument("--steps", type=int, default=300, help="timed steps of each, after 30 untimed (default 300)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if len(args.shape) != 1 or args.steps < 1 or args.threads < 1:
+        p.error("give one --shape, and --steps and --threads of at least 1")
+    torch.set_num_threads(args.threads)
+    (B, H), warmup = args.shape[0], 30
+    import lightning  # noqa: F401  (it sets its loggers' levels on import: set them after)
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # its banner lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals
+        framework, bare = phases(args.variant, B, H, args.steps + warmup + 1, warmup, seed=0)
+    ms = {key: 1e3 * statistics.median(s) for key, s in (framework | bare).items()}
+    threads = f"{args.threads} thread{'s' * (args.threads != 1)}"
+    print(f"{args.variant} B={B} H={H} T=35, {threads}: ms per step, median of {args.steps}")
+    print(f"{'phase (Lightning | bare)':<44}{'Lightning':>10}{'bare':>8}{'extra':>8}")
+    for phase, _, _, bare_phase in PHASES:
+        b = ms[bare_phase] if bare_phase else 0.0
+        print(f"{phase:<44}{ms[phase]:>10.3f}{b:>8.3f}{ms[phase] - b:>8.3f}")
+    total, bare_total = sum(ms[p[0]] for p in PHASES), sum(ms[k] for k in bare)
+    print(f"{'sum of the rows':<44}{total:>10.3f}{bare_total:>8.3f}{total - bare_total:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
