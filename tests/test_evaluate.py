@@ -86,3 +86,24 @@ def test_bad_split_and_missing_checkpoint_are_one_line(tmp_path):
     r = run_cli("gruexp.evaluate", f"ckpt_path={tmp_path / 'nope.ckpt'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     assert "is not a checkpoint file" in r.stdout + r.stderr
+
+
+def test_evaluate_last_is_the_newest_run_of_any_experiment_as_for_generate(trained, tmp_path):
+    # an experiment's runs live in outputs/<task_name>/runs: `last` once looked in outputs/train/runs only and
+    # evaluated an older default run there instead of the newer shakespeare_quick one
+    import os
+    import shutil
+
+    out, _, _ = trained
+    old = tmp_path / "outputs" / "train" / "runs" / "old" / "checkpoints" / "last.ckpt"
+    new = tmp_path / "outputs" / "shakespeare_quick" / "runs" / "new" / "checkpoints" / "last.ckpt"
+    for p in (old, new):
+        p.parent.mkdir(parents=True)
+        shutil.copy(out / "checkpoints" / "last.ckpt", p)
+    os.utime(old, (1e9, 1e9))
+    r = run_cli("gruexp.evaluate", "ckpt_path=last", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"ckpt_path=last is {new}\n" in r.stdout
+    assert r.stdout.splitlines()[-1].startswith("test: ppl ") and r.stdout.endswith(f"| {new}\n")
+    r = run_cli("gruexp.evaluate", "ckpt_path=last", f"runs_dir={old.parents[2]}", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.endswith(f"| {old}\n")  # runs_dir narrows the search

@@ -164,7 +164,7 @@ def test_ckpt_path_last_skips_a_newer_sibling_of_another_config(make_cfg, tmp_pa
     os.utime(runs / "newer" / "checkpoints" / "last.ckpt", (time.time() + 10,) * 2)
     caplog.set_level("INFO")
     summary = train(make_cfg("model=fused", "trainer.max_epochs=2", "ckpt_path=last", "logger=csv", out=runs / "c"))
-    assert f"ckpt_path=last resumes {first_run / 'checkpoints' / 'last.ckpt'}" in caplog.text
+    assert f"ckpt_path=last is {first_run / 'checkpoints' / 'last.ckpt'}" in caplog.text
     assert summary["status"] == "completed" and summary["epochs"] == 2
 
 

@@ -461,7 +461,7 @@ def resolve_ckpt_path(
             except UserError as e:
                 reasons.append(str(e))
                 continue
-            log.info("ckpt_path=last resumes %s", p)
+            log.info("ckpt_path=last is %s", p)
             return str(p)
         raise UserError(
             f"ckpt_path=last: none of the {len(found)} {LAST} under {root} fits this run; newest: {reasons[0]}"
