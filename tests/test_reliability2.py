@@ -421,6 +421,18 @@ def test_sweep_job_with_bad_input_gets_a_summary_and_the_others_a_best(tmp_path,
 
 
 @pytest.mark.slow
+def test_a_second_sweep_in_the_same_folder_is_refused_before_it_overwrites_a_job(tmp_path, corpus_path):
+    sweep = tmp_path / "sweep"
+    r = run_cli("gruexp.train", "-m", *ONE_EPOCH, "optimizer.lr=0.5,1", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    r = run_cli("gruexp.train", "-m", *ONE_EPOCH, "optimizer.lr=2", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert f"Error: hydra.sweep.dir {sweep} already holds 0, 1, best.json: a sweep there would overwrite" in r.stderr
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before  # not a byte changed
+
+
+@pytest.mark.slow
 def test_ddp_bad_input_is_said_once(tmp_path, corpus_path):
     r = run_cli(
         "gruexp.train",

@@ -411,7 +411,17 @@ class ProtectOutputDir(HydraCallback):
         raw = str(config.hydra.sweep.dir or "").strip()
         if not raw:
             _fail("hydra.sweep.dir is empty: give a folder, or leave it out for outputs/<task_name>/multirun/<time>")
-        _check_writable(Path(raw).expanduser().absolute(), "hydra.sweep.dir")
+        out = Path(raw).expanduser().absolute()
+        _check_writable(out, "hydra.sweep.dir")
+        # A grid sweep's job k writes into folder k: a second sweep in the same folder would overwrite the first's
+        # jobs (Hydra saves a job's .hydra/ before any job callback runs, so the folder is refused here, not per
+        # job). gruexp's Optuna sweeper resumes its study in its folder on purpose: trial k, folder k, never reused.
+        resumable = str(config.hydra.sweeper.get("_target_", "")).endswith(".GruexpOptunaSweeper")
+        if not resumable and out.is_dir() and (entries := sorted(p.name for p in out.iterdir())):
+            _fail(
+                f"hydra.sweep.dir {out} already holds {', '.join(entries[:3])}: a sweep there would overwrite its "
+                "jobs' folders; choose a new or empty folder, or leave it out for outputs/<task_name>/multirun/<time>"
+            )
 
 
 class SweepOutcome(HydraCallback):
