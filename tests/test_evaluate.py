@@ -47,6 +47,8 @@ def test_run_ends_with_test_metrics_of_its_best_checkpoint(trained):
     assert again["bpc"] == pytest.approx(summary["test_bpc"], rel=1e-5)
     # and its validation number is the run's best val/ppl (the whole split, as validation read it)
     assert evaluate(summary["best_ckpt"], "val")["ppl"] == pytest.approx(summary["best_val_ppl"], rel=1e-5)
+    # a run folder means its last.ckpt, as on the command line
+    assert evaluate(out, "test") == evaluate(out / "checkpoints" / "last.ckpt", "test")
 
 
 def test_evaluate_cli_prints_ppl_and_bpc_for_a_run_folder_and_last(trained):

@@ -43,9 +43,10 @@ def data_options(ckpt_path: str | Path, overrides: dict[str, Any] | None = None)
 
 
 def evaluate(ckpt_path: str | Path, split: str = "test", device: str = "cpu", **data: Any) -> dict[str, float]:
-    """{"ppl", "bpc", "loss", "tokens"} of the checkpoint on the whole `split` of its corpus."""
+    """{"ppl", "bpc", "loss", "tokens"} of the checkpoint (a file, a run folder or `last`) on the whole `split`."""
     if split not in SPLITS:
         raise UserError(f"split={split} is unknown: choose one of {', '.join(SPLITS)}")
+    ckpt_path = checks.resolve_ckpt_path(str(ckpt_path))  # data_options reads the file itself
     model = load(ckpt_path, device)
     options = data_options(ckpt_path, data)
     options.update(max_tokens=None, val_tokens=None)  # the whole split
