@@ -166,6 +166,15 @@ def test_search_writes_its_best_then_resumes_to_n_trials(tmp_path, corpus_path):
         assert matplotlib.image.imread(folder / png).shape[0] > 100
         assert f"![{png}]({png})" in (folder / "report.md").read_text()
 
+    # the same folder with a storage that lacks its trials (a new database, a lost journal): refused, not overwritten
+    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    other = tmp_path / "other.journal"
+    r = run_cli("gruexp.train", *SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={other}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    said = f"Error: {folder} holds the runs of trials 0, 1, 2 but study {folder.name} in {other} has 0 trials"
+    assert said in r.stderr
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
+
 
 @pytest.mark.slow
 def test_local_launcher_runs_a_batch_of_trials_side_by_side(tmp_path, corpus_path):

@@ -234,13 +234,26 @@ class GruexpOptunaSweeper(Sweeper):
     def _open_study(self, name: str, identity: dict[str, Any]) -> tuple[optuna.Study, str]:
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweepers do; report.py reads it
         spec = self.storage or str(sweep_dir / "optuna.journal")
         storage = open_storage(spec)
         try:
             existing = optuna.load_study(study_name=name, storage=storage).trials
         except KeyError:
             existing = []
+        # trial k runs in folder k: a study with fewer trials than the folder holds (another storage, a lost
+        # journal) would run its next trials over those runs
+        taken = sorted(
+            int(p.name)
+            for p in sweep_dir.iterdir()
+            if p.name.isdigit() and int(p.name) >= len(existing) and p.is_dir() and any(p.iterdir())
+        )
+        if taken:
+            _refuse(
+                f"{sweep_dir} holds the runs of trials {', '.join(map(str, taken[:3]))}{', ...' * (len(taken) > 3)} "
+                f"but study {name} in {spec} has {len(existing)} trials: its next trials would overwrite them; give "
+                "the hydra.sweeper.storage those trials were told to, or another hydra.sweep.dir"
+            )
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweepers do; report.py reads it
         sampler_cfg = dict(OmegaConf.to_container(OmegaConf.create(self.sampler_cfg)))
         if existing and sampler_cfg.get("seed") is not None:
             # a resumed study would otherwise draw its first trials' params again from the same seed
