@@ -171,6 +171,37 @@ def windows(seconds: list[float], n: int) -> list[float]:
     return [sum(seconds[i : i + n]) for i in range(0, len(seconds) - n + 1, n)]
 
 
+def fit_through_lightning(model, batches: list, timer, device: torch.device, max_steps: int = -1) -> None:
+    """Train `model` (a CharLM) on `batches` with Trainer.fit as the framework runs are timed: gruexp's divergence and
+    interrupt checks, then the `timer` callback, clipping at 1, a CSV logger every LOG_EVERY steps, no validation."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gruexp.faults import DivergenceDetector, InterruptCheckpoint
+
+    previous = signal.getsignal(signal.SIGTERM)  # Lightning leaves its SIGTERM handler behind after fit
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            max_epochs=1,
+            max_steps=max_steps,
+            gradient_clip_val=1.0,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=LOG_EVERY,
+            logger=CSVLogger(tmp, name="bench"),
+            callbacks=[DivergenceDetector(), InterruptCheckpoint(), timer],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        try:
+            trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def framework_vs_bare(
     name: str,
     V: int,
@@ -188,11 +219,8 @@ def framework_vs_bare(
     A callback times each Lightning step from one on_train_batch_end to the next (data fetch, hooks, step, clip,
     optimizer, logging: all of it) and runs `per_round` bare steps after every `per_round` Lightning steps.
     """
-    import lightning as L
     from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.loggers import CSVLogger
 
-    from gruexp.faults import DivergenceDetector, InterruptCheckpoint
     from gruexp.module import CharLM
 
     bare = TrainStep(name, V, B, T, H, device, seed)
@@ -232,27 +260,7 @@ def framework_vs_bare(
     model = CharLM(
         name, H, [f"c{i}" for i in range(V)], optimizer=functools.partial(torch.optim.SGD, lr=1.0), sample_chars=0
     )
-    previous = signal.getsignal(signal.SIGTERM)  # Lightning leaves its SIGTERM handler behind after fit
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
-            accelerator=device.type,
-            devices=1,
-            max_epochs=1,
-            max_steps=warmup + samples + 1,
-            gradient_clip_val=1.0,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            log_every_n_steps=LOG_EVERY,
-            logger=CSVLogger(tmp, name="bench"),
-            callbacks=[DivergenceDetector(), InterruptCheckpoint(), Interleave()],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        try:
-            trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    fit_through_lightning(model, batches, Interleave(), device, max_steps=warmup + samples + 1)
     return lightning_s[:samples], bare_s[:samples]
 
 

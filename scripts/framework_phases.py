@@ -15,9 +15,7 @@ import argparse
 import functools
 import importlib.util
 import logging
-import signal
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,11 +43,8 @@ PHASES = (
 
 def phases(name: str, B: int, H: int, steps: int, warmup: int, seed: int) -> tuple[dict, dict]:
     """Per phase, the seconds of each Lightning step and of each bare step, interleaved one to one."""
-    import lightning as L
     from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.loggers import CSVLogger
 
-    from gruexp.faults import DivergenceDetector, InterruptCheckpoint
     from gruexp.module import CharLM
 
     V, T, clock = 28, 35, time.perf_counter
@@ -111,24 +106,7 @@ def phases(name: str, B: int, H: int, steps: int, warmup: int, seed: int) -> tup
     model = Marked(name, H, [f"c{i}" for i in range(V)], optimizer=functools.partial(torch.optim.SGD, lr=1.0))
     g = torch.Generator().manual_seed(seed + 1)
     batches = [(torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)) for _ in range(steps)]
-    previous = signal.getsignal(signal.SIGTERM)  # Lightning leaves its SIGTERM handler behind after fit
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            gradient_clip_val=1.0,
-            limit_val_batches=0,
-            log_every_n_steps=bench.LOG_EVERY,
-            logger=CSVLogger(tmp, name="phases"),
-            callbacks=[DivergenceDetector(), InterruptCheckpoint(), Marks()],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        try:
-            trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    bench.fit_through_lightning(model, batches, Marks(), torch.device("cpu"))
     return framework, bare_s
 
 
