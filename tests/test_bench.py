@@ -107,15 +107,15 @@ def test_flops_per_token_matches_charlm():
     assert bench.forward_flops_per_token(28, 256) == 2 * 3 * 256 * 284 + 2 * 256 * 28
 
 
-def test_profile_step_lists_where_a_step_spends_its_time():
-    args = ["--shape", "4x16", "--steps", "2", "--threads", "1"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "profile_step.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """python scripts/<name> args, from the checkout, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
+
+
+def test_profile_step_lists_where_a_step_spends_its_time():
+    proc = run_script("profile_step.py", "--shape", "4x16", "--steps", "2", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("fused B=4 H=16 T=35, 1 thread: ") and lines[1].split() == [
@@ -128,14 +128,7 @@ def test_profile_step_lists_where_a_step_spends_its_time():
 
 
 def test_framework_phases_set_each_lightning_phase_against_the_bare_one():
-    args = ["--shape", "4x16", "--steps", "20", "--threads", "1"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "framework_phases.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script("framework_phases.py", "--shape", "4x16", "--steps", "20", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "fused B=4 H=16 T=35, 1 thread: ms per step, median of 20"
