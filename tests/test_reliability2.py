@@ -158,6 +158,19 @@ def test_resume_with_another_vocabulary_or_model_is_refused(make_cfg, tmp_path, 
     assert summary["status"] == "failed" and message in summary["error"]
 
 
+def test_resuming_a_finished_run_without_more_epochs_is_refused(make_cfg, tmp_path, first_run):
+    # Lightning would stop at once: the run ended "completed" with nan perplexities and an empty sample
+    for name, args, message in (
+        ("b", ["trainer.max_epochs=1"], "has trained 1 epochs and trainer.max_epochs=1: nothing is left to train; set"),
+        ("c", ["trainer.max_epochs=3", "trainer.max_steps=5"], "steps and trainer.max_steps=5: nothing is left to"),
+    ):
+        out = first_run.parent / name
+        with pytest.raises(UserError, match=message):
+            train(make_cfg("model=fused", *args, "ckpt_path=last", out=out))
+        assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+        assert not (out / "checkpoints").exists()
+
+
 def test_ckpt_path_last_skips_a_newer_sibling_of_another_config(make_cfg, tmp_path, first_run, caplog):
     runs = first_run.parent
     train(make_cfg("model=fused", "trainer.max_epochs=1", "model.hidden_size=24", "logger=csv", out=runs / "newer"))

@@ -419,6 +419,25 @@ def check_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = No
     return hp
 
 
+def check_training_left(path: str | os.PathLike, max_epochs: int | None, max_steps: int | None) -> None:
+    """A checkpoint to resume must leave something to train: else Lightning stops at once and the run would end
+    "completed" with no metrics (nan perplexities, an empty sample). Lightning's own test: epochs whose training
+    finished (`epoch_progress.current.processed`) against max_epochs, global_step against max_steps."""
+    ckpt = _read(Path(path))
+    epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
+    if max_epochs not in (None, -1) and epochs is not None and epochs >= max_epochs:
+        raise UserError(
+            f"{path} has trained {epochs} epochs and trainer.max_epochs={max_epochs}: nothing is left to train; "
+            f"set trainer.max_epochs above {epochs} to train on"
+        )
+    steps = ckpt.get("global_step")
+    if max_steps not in (None, -1) and steps is not None and steps >= max_steps:
+        raise UserError(
+            f"{path} has trained {steps} steps and trainer.max_steps={max_steps}: nothing is left to train; "
+            f"set trainer.max_steps above {steps} to train on"
+        )
+
+
 def _candidates(output_dir: str | os.PathLike | None) -> tuple[Path, list[Path]]:
     """last.ckpt of the sibling run folders of `output_dir` (newest first); without any, those under ./outputs."""
     if output_dir is not None:

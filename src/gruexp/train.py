@@ -68,6 +68,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         vocab = datamodule.vocab.idx_to_token
         # a checkpoint of another model, size or vocabulary is refused here, not resumed silently
         ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out, expect=checks.model_signature(cfg.model, vocab))
+        if ckpt_path:
+            checks.check_training_left(ckpt_path, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
         checks.check_memory(cfg, len(vocab))  # before the model allocates anything
         model = instantiate(
             cfg.model,
