@@ -32,3 +32,14 @@ class RaiseAt(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             raise RuntimeError(f"injected failure in rank {self.rank} at step {self.step}")
+
+
+class SignalInTest(Callback):
+    """Send this process `signum` at the first batch of the test that ends a run (Ctrl+C after training)."""
+
+    def __init__(self, signum: str = "SIGINT"):
+        self.signum = getattr(signal, signum)
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx, *args) -> None:
+        if batch_idx == 0 and trainer.is_global_zero:
+            os.kill(os.getpid(), self.signum)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -104,6 +105,18 @@ def test_sigint_from_cli_saves_last_and_ckpt_path_last_resumes_in_a_new_folder(t
     assert f"ckpt_path=last is {first}" in r.stdout + r.stderr
     assert json.loads((runs / "b" / "summary.json").read_text())["status"] == "completed"
     assert first.read_bytes() == before  # the interrupted run's files are untouched
+
+
+def test_sigint_while_the_best_checkpoint_is_tested_ends_interrupted_with_a_summary(tmp_path, inject_path, corpus_path):
+    # Lightning turns Ctrl+C during trainer.test into sys.exit(1): the run left no summary.json, and exited 1
+    kill = ["+callbacks.kill._target_=inject.SignalInTest", "+callbacks.kill.signum=SIGINT"]
+    r = run_cli("gruexp.train", *TINY, *kill, f"hydra.run.dir={tmp_path / 'a'}")
+    assert r.returncode == 130, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "test_ppl" not in summary
+    assert summary["global_step"] > 0 and math.isfinite(summary["val_ppl"])  # what training measured is kept
+    assert (tmp_path / "a" / "checkpoints" / "best.ckpt").is_file()
+    assert "INTERRUPTED: val/ppl" in r.stdout + r.stderr
 
 
 def test_resolve_ckpt_path_picks_the_newest_sibling_run(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -109,8 +110,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tested: dict[str, float] = {}
     if status == "completed":
+        handler = signal.getsignal(signal.SIGINT)
         try:
             tested = _test(trainer, model, datamodule)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl+C while testing: Lightning's handler exits 1, SIGINT ignored
+            status, error = "interrupted", SystemExit(faults.INTERRUPT_EXIT)
+            signal.signal(signal.SIGINT, handler)
         except Exception as e:
             status, error = "failed", e
     summary.update(
