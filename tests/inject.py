@@ -43,3 +43,10 @@ class SignalInTest(Callback):
     def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx, *args) -> None:
         if batch_idx == 0 and trainer.is_global_zero:
             os.kill(os.getpid(), self.signum)
+
+
+class SignalOnSetup:
+    """A data module that sends this process `signum` as it is built: Ctrl+C while a run sets up (data=...)."""
+
+    def __init__(self, signum: str = "SIGINT", **data: object):
+        os.kill(os.getpid(), getattr(signal, signum))

@@ -119,6 +119,15 @@ def test_sigint_while_the_best_checkpoint_is_tested_ends_interrupted_with_a_summ
     assert "INTERRUPTED: val/ppl" in r.stdout + r.stderr
 
 
+def test_sigint_while_a_run_sets_up_ends_interrupted_with_a_summary(tmp_path, inject_path, corpus_path):
+    # before the trainer exists (the corpus being encoded): the run left no summary.json and a traceback
+    r = run_cli("gruexp.train", *TINY, "data._target_=inject.SignalOnSetup", f"hydra.run.dir={tmp_path / 'a'}")
+    assert r.returncode == 130 and "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "error" not in summary and "val_ppl" not in summary
+    assert f"INTERRUPTED before training started | {tmp_path / 'a'}" in r.stdout + r.stderr
+
+
 def test_resolve_ckpt_path_picks_the_newest_sibling_run(tmp_path):
     for name, mtime in (("old", 1000), ("new", 2000), ("mine", 3000)):
         p = tmp_path / name / "checkpoints" / "last.ckpt"

@@ -87,10 +87,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for lg in loggers:
             lg.log_hyperparams(run_config)  # the whole resolved config: W&B's run config, CSV's hparams.yaml
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:  # Ctrl+C while the corpus is encoded, say: interrupted, exit 130
+        stopped = isinstance(e, KeyboardInterrupt)
         if not checks.is_child_rank():
-            failed = {"status": "failed", "error": _first_line(e), "wall_time_s": time.perf_counter() - start}
-            _write_summary(out, {**summary, **failed}, started_at)
+            ended = {"status": "interrupted" if stopped else "failed", "wall_time_s": time.perf_counter() - start}
+            _write_summary(out, {**summary, **ended, **({} if stopped else {"error": _first_line(e)})}, started_at)
+        if stopped:
+            if not checks.is_child_rank():
+                log.warning("INTERRUPTED before training started | %s", out)
+            raise SystemExit(faults.INTERRUPT_EXIT) from None
         raise
 
     status, error = "completed", None
