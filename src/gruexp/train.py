@@ -89,12 +89,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except (Exception, KeyboardInterrupt) as e:  # Ctrl+C while the corpus is encoded, say: interrupted, exit 130
         stopped = isinstance(e, KeyboardInterrupt)
+        ended = {"status": "interrupted"} if stopped else {"status": "failed", "error": _first_line(e)}
         if not checks.is_child_rank():
-            ended = {"status": "interrupted" if stopped else "failed", "wall_time_s": time.perf_counter() - start}
-            _write_summary(out, {**summary, **ended, **({} if stopped else {"error": _first_line(e)})}, started_at)
-        if stopped:
-            if not checks.is_child_rank():
+            _write_summary(out, {**summary, **ended, "wall_time_s": time.perf_counter() - start}, started_at)
+            if stopped:
                 log.warning("INTERRUPTED before training started | %s", out)
+        if stopped:
             raise SystemExit(faults.INTERRUPT_EXIT) from None
         raise
 
