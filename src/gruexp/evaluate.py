@@ -80,7 +80,7 @@ def main(cfg: DictConfig) -> None:
     """Print `<split>: ppl … | bpc … | loss … nats | N tokens | <checkpoint>`; bad input: one line, exit 2."""
     try:
         # `last` searches the sibling folders of a run's own folder: a name inside runs_dir makes them its runs
-        ckpt = faults.resolve_ckpt_path(str(cfg.ckpt_path), Path(cfg.runs_dir) / "evaluate" if cfg.runs_dir else None)
+        ckpt = checks.resolve_ckpt_path(str(cfg.ckpt_path), Path(cfg.runs_dir) / "evaluate" if cfg.runs_dir else None)
         data = {k: v for k, v in cfg.data.items() if v is not None}
         r = evaluate(ckpt, str(cfg.split), str(cfg.device), **data)
     except Exception as e:
