@@ -199,10 +199,34 @@ def test_a_triton_failure_falls_back_with_one_warning_naming_the_cause(
 
 
 @needs_interpreter
-def test_reset_before_autotune_checks_against_the_op_loop_without_timing(tmp_path):
-    timer = RecordingTimer()
-    assert (
-        model(reset_after=False, num_layers=2).rnn.autotune(X, None, True, Autotuner(tmp_path / "a.json", timer))
-        == "triton"
-    )
-    assert timer.calls == []
+@pytest.mark.parametrize("seconds, winner", [((3e-3, 1e-3), "triton"), ((1e-3, 3e-3), "ops")])
+def test_reset_before_autotune_times_the_op_loop_against_triton(tmp_path, seconds, winner):
+    """On an H200 the kernels lost to scratch's loop at larger shapes: auto times both forms, not only reset-after."""
+    timer = RecordingTimer(*seconds)  # the op loop (the reference), then Triton
+    path = tmp_path / "a.json"
+    assert model(reset_after=False, num_layers=2).rnn.autotune(X, None, True, Autotuner(path, timer)) == winner
+    assert timer.calls == [5, 5]
+    [decision] = json.loads(path.read_text()).values()
+    assert decision == {"backend": winner, "seconds": {"ops": seconds[0], "triton": seconds[1]}}
+
+
+@needs_interpreter
+def test_autotune_looks_a_shape_up_without_building_the_key_again(tmp_path, monkeypatch):
+    """Generation calls the model once per token: the tuner's key (device name, ...) is built once per shape."""
+    tuner = Autotuner(tmp_path / "a.json", RecordingTimer(*[1e-3, 3e-3] * 3))
+    keys = []
+    key = tuner.key
+    monkeypatch.setattr(tuner, "key", lambda *a: keys.append(a[4:6]) or key(*a))
+    net = model()
+    for _ in range(3):
+        assert net.rnn.autotune(X, None, False, tuner) == "cudnn"
+    assert keys == [(5, 3)]
+    assert net.rnn.autotune(X[:, :2], None, False, tuner) == "cudnn"  # another batch size is another shape
+    assert keys == [(5, 3), (5, 2)]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not tf32  # TF32 changes what the kernels compute: decided again
+    try:
+        net.rnn.autotune(X, None, False, tuner)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert keys == [(5, 3), (5, 2), (5, 3)]

@@ -7,11 +7,11 @@ function, on fused's parameters; reset-after only) and "triton" (gru_triton.py's
     GRUEXP_FUSED_CPU=c|ops|triton      (triton only under TRITON_INTERPRET=1: Triton's CPU interpreter)
     GRUEXP_FUSED_GPU=auto|cudnn|triton|ops
 
-On CUDA, auto runs the Triton kernels for reset-before (cuDNN has no such form) and, for reset-after, whichever of
-cuDNN and Triton is faster on this GPU at this shape: `Autotuner` times both for a few steps on first use, as
-cudnn.benchmark does, and keeps the decision in gruexp's cache folder for later processes. A Triton failure or a
-result that disagrees with the reference on that first use falls back (to cuDNN, or to the op loop for reset-before)
-with one warning: auto never fails where cuDNN works.
+On CUDA, auto runs whichever of Triton and the reference is faster on this GPU at this shape, the reference being
+cuDNN for reset-after and the op loop for reset-before (cuDNN has no such form): `Autotuner` times both for a few
+steps on first use, as cudnn.benchmark does, and keeps the decision in gruexp's cache folder for later processes.
+A Triton failure or a result that disagrees with the reference on that first use falls back to the reference with
+one warning: auto never fails where cuDNN works.
 """
 
 from __future__ import annotations

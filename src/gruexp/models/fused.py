@@ -276,6 +276,7 @@ class GRULayers(nn.Module):
         self.dropout, self.reset_after = dropout, reset_after
         self.use_c = True  # False: the torch-op loop even where the C loop could run (a switch for tests, not state)
         self.backend: str | None = None  # one of backends.BACKENDS forces it (tests, the autotuner); None chooses
+        self._tuned: dict[tuple, str] = {}  # autotune's decisions for this module, by tuner, device, dtype, shape
         # the environment's choices, read once here (a bad value is refused now, and a step does not pay for it)
         self.cpu_choice, self.gpu_choice = backends.cpu_choice(), backends.gpu_choice()
         H = hidden_size
@@ -349,24 +350,33 @@ class GRULayers(nn.Module):
     def autotune(
         self, tokens: Tensor, h0: Tensor | None, needs_grad: bool, tuner: backends.Autotuner | None = None
     ) -> str:
-        """The first-use decision at this shape: for reset-after the faster of cuDNN and Triton, for reset-before
-        Triton; the reference (cuDNN, or the op loop for reset-before) wherever Triton fails or disagrees with it.
-        Every backend here also runs on the CPU (cuDNN's function as _VF.gru, Triton interpreted), for the tests."""
+        """The first-use decision at this shape: the faster of Triton and the reference (cuDNN; the op loop for
+        reset-before, which cuDNN lacks), and the reference wherever Triton fails or disagrees with it. Every backend
+        here also runs on the CPU (cuDNN's function as _VF.gru, Triton interpreted), for the tests."""
         tuner = tuner or backends.AUTOTUNER
         w = self.weight_hh_l0
         T, B = tokens.shape
+        # A step at batch 1 (generation) lasts ~0.25 ms on a GPU: building the tuner's key (the device's name, ...)
+        # each call cost a fifth of it. The decision for a shape is looked up here first, by what can vary per call.
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        seen = (id(tuner), w.device, w.dtype, needs_grad, T, B, tf32)
+        if seen in self._tuned:
+            return self._tuned[seen]
         key = tuner.key(w.device, self.reset_after, w.dtype, needs_grad, T, B, self.hidden_size, self.num_layers)
         h0 = h0.detach() if h0 is not None else None
         reference = "cudnn" if self.reset_after else "ops"
         # cuDNN's TF32 switch is on by default: compare to TF32 rounding whenever either side may use it
-        tf32 = torch.backends.cuda.matmul.allow_tf32 or (self.reset_after and torch.backends.cudnn.allow_tf32)
-        return tuner.decide(
+        maybe_tf32 = tf32[0] or (self.reset_after and tf32[1])
+        # Timed for both forms: on an H200 the kernels were slower than even scratch's autograd loop from B 128 x
+        # H 512 on (docs/fused-backends.md, GPU timings), so Triton is not assumed to win for reset-before either.
+        self._tuned[seen] = tuner.decide(
             key,
             (reference, partial(self._trial, reference, tokens, h0, needs_grad)),
             ("triton", partial(self._trial, "triton", tokens, h0, needs_grad)),
-            timed=self.reset_after,  # reset-before: no cuDNN form to race, only the op loop to check against
-            tolerance=3e-2 if tf32 and w.device.type == "cuda" else 1e-3,
+            timed=True,
+            tolerance=3e-2 if maybe_tf32 and w.device.type == "cuda" else 1e-3,
         )
+        return self._tuned[seen]
 
     def choose(self, tokens: Tensor, h0: Tensor | None, needs_grad: bool) -> str:
         """backends.choose_backend for this call, with the environment's choices (as the model was built) and, for
