@@ -78,3 +78,27 @@ def test_loaders_are_pinned_on_cuda_only():
     assert not any(loader.pin_memory for loader in loaders)
     pin_memory(loaders, torch.device("cuda", 0))  # sets the flag the loader's next iterator reads
     assert all(loader.pin_memory for loader in loaders)
+
+
+@pytest.mark.parametrize(
+    "dtype, matmul, expected",
+    [(torch.bfloat16, "highest", 989.4e12), (torch.float32, "highest", 66.9e12), (torch.float32, "high", 494.7e12)],
+)
+def test_an_h200_has_a_peak_for_mfu_by_the_name_cuda_reports(monkeypatch, dtype, matmul, expected):
+    """On an H200 (2026-11-26) CUDA said "NVIDIA H200" and Lightning found no FLOPs for it: no train/mfu. The
+    name is what a GPU gives; this machine has none, so fakes stand in for it and for the capability (Lightning's
+    TF32 rule)."""
+    from gruexp.module import peak_flops
+
+    names = {0: "NVIDIA H200"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[torch.device(device).index or 0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul)
+    try:
+        assert peak_flops(torch.device("cuda", 0), dtype) == expected
+        names[0] = "NVIDIA H100 80GB HBM3"  # Lightning's own table, the same chip's numbers
+        assert peak_flops(torch.device("cuda", 0), dtype) == expected
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert peak_flops(torch.device("cpu"), dtype) is None

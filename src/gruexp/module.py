@@ -83,6 +83,27 @@ class Throughput:
         return self.tokens / self.seconds if self.seconds > 0 else math.nan
 
 
+# NVIDIA's H200 (SXM) has the H100 SXM's compute; its datasheet's FP16/BF16 989 and 1979 TFLOP/s are without and
+# with sparsity. Lightning 2.6 finds an H200 only by the names "h200 sxm1"/"h200 nvl1", which CUDA does not report
+# ("NVIDIA H200": no MFU on the H200 we ran on), and lists the sparse figures. Dense FLOP/s, as Lightning's H100's.
+H200_FLOPS: dict[torch.dtype | str, float] = {
+    torch.float32: 66.9e12,
+    "tfloat32": 494.7e12,
+    torch.bfloat16: 989.4e12,
+    torch.float16: 989.4e12,
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak FLOP/s in `dtype` (float32 counts as TF32 unless matmul precision is 'highest'), for
+    train/mfu: Lightning's get_available_flops, and the H200 by the name CUDA gives it; None where unknown (CPUs)."""
+    if device.type == "cuda" and torch.cuda.get_device_name(device).lower() == "nvidia h200":
+        if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest":
+            dtype = "tfloat32"
+        return H200_FLOPS.get(dtype)
+    return get_available_flops(device, dtype)
+
+
 def pin_memory(loaders: object, device: torch.device) -> None:
     """Page-locked batches on CUDA, so that Lightning's non_blocking host-to-device copy overlaps compute.
 
@@ -181,11 +202,11 @@ class CharLM(L.LightningModule):
         return loss, logits
 
     def on_fit_start(self) -> None:
-        # the device's peak FLOP/s in the compute dtype, for train/mfu; Lightning knows NVIDIA GPUs, None elsewhere
+        # the device's peak FLOP/s in the compute dtype, for train/mfu; known for NVIDIA GPUs, None elsewhere
         try:
             from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype
 
-            self._peak_flops = get_available_flops(self.device, _plugin_to_compute_dtype(self.trainer.precision_plugin))
+            self._peak_flops = peak_flops(self.device, _plugin_to_compute_dtype(self.trainer.precision_plugin))
         except Exception:  # a precision plugin Lightning cannot map: no MFU, nothing else changes
             self._peak_flops = None
 
