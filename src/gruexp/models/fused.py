@@ -321,14 +321,16 @@ class GRULayers(nn.Module):
 
     def _forward_cudnn(self, tokens: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
         """nn.GRU's function (cuDNN on CUDA) on one-hot tokens, in the parameters' dtype whatever autocast says."""
-        w = self.weight_ih_l0
+        # Generation calls this once per token: _parameters[...] and no autocast context unless autocast is on
+        # keep fused's Python below nn.GRU's own (getattr on a Module costs ~1 us a parameter).
+        params = [self._parameters[name] for names in self.layer_names for name in names]
+        w = params[0]
         x = F.one_hot(tokens, w.shape[1]).to(w.dtype)
-        params = [getattr(self, name) for names in self.layer_names for name in names]
+        args = (x, h0.to(w.dtype), params, True, self.num_layers, self.dropout, self.training, False, False)
+        if not torch.is_autocast_enabled(w.device.type):
+            return _VF.gru(*args)
         with torch.autocast(w.device.type, enabled=False):  # no silent fp16/bf16 recurrence: we chose fp32
-            hs, h_n = _VF.gru(
-                x, h0.to(w.dtype), params, True, self.num_layers, self.dropout, self.training, False, False
-            )
-        return hs, h_n
+            return _VF.gru(*args)
 
     def _trial(self, backend: str, tokens: Tensor, h0: Tensor, needs_grad: bool) -> list[Tensor]:
         """One forward (and, if needs_grad, backward) with `backend`: the outputs and every gradient, for the
