@@ -188,7 +188,7 @@ EOF
   if command -v nvidia-smi >/dev/null; then
     echo "- nvidia-smi: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | paste -sd ';')"
   fi
-  echo "- host $(hostname), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), $EPOCHS epochs per run"
+  echo "- host $(hostname), commit $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown) (-dirty: with changes not committed), $EPOCHS epochs per run"
   echo
   echo "| step | status | key numbers | log |"
   echo "|---|---|---|---|"
