@@ -96,6 +96,9 @@ def test_quiet_keeps_other_warnings():
         warnings.warn("It is recommended to use `self.log('val/ppl', ..., sync_dist=True)`", UserWarning, stacklevel=1)
         warnings.warn("torch.distributed.nn.functional.all_gather is deprecated, use x instead.", FutureWarning, 1)
         warnings.warn("The dirpath has changed", DeprecationWarning, stacklevel=1)  # another category: kept
+        warnings.warn(  # every GPU run on a machine of more than 2 cores (an H200's: 16)
+            "The 'train_dataloader' does not have many workers which may be a bottleneck. Consider ...", UserWarning, 1
+        )
     assert [str(w.message) for w in seen] == [
         "It is recommended to use `self.log('val/ppl', ..., sync_dist=True)`",  # another metric: a real hint
         "The dirpath has changed",
@@ -111,6 +114,7 @@ def test_quiet_keeps_other_warnings():
         lg.addHandler(handler)
     try:
         loggers[0].info("GPU available: False, used: False")
+        loggers[0].info("You are using a CUDA device ('NVIDIA H200') that has Tensor Cores. To properly utilize them")
         loggers[0].info("Seed set to 3")
         loggers[1].info("`weights_only` was not set, defaulting to `False`.")
         loggers[1].info("Restoring states from the checkpoint path at x.ckpt")

@@ -207,6 +207,7 @@ def test_generate_takes_last_and_a_run_folder_like_train(capfd, make_cfg, tmp_pa
         (["seed=-1"], "seed must be an integer in [0, 4294967295] or null (draw one), got -1"),
         (["seed=abc"], "seed must be an integer in [0, 4294967295] or null (draw one), got 'abc'"),
         (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
+        (["float32_matmul_precision=tf32"], "float32_matmul_precision must be one of highest, high, medium, got 'tf"),
     ],
 )
 def test_value_that_cannot_mean_what_was_written_is_one_line(capfd, tmp_path, args, message):

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 
+import lightning as L
 import pytest
 import torch
 from conftest import TINY, run_cli
@@ -151,3 +152,23 @@ def test_generate_missing_checkpoint(tmp_path):
     r = run_cli("gruexp.generate", f"ckpt_path={tmp_path / 'none.ckpt'}")
     assert r.returncode == 2
     assert "does not exist: pass ckpt_path=" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+class MatmulPrecisionAtStart(L.Callback):
+    """Records torch's float32 matmul precision as training starts (+callbacks.x._target_=test_train....)."""
+
+    seen: list[str] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen.append(torch.get_float32_matmul_precision())
+
+
+def test_float32_matmul_precision_is_the_runs_choice(make_cfg, tmp_path, corpus_path):
+    """A config key (Lightning's tip on every GPU run names torch.set_float32_matmul_precision), set for the run."""
+    old = torch.get_float32_matmul_precision()
+    record = ["+callbacks.record._target_=test_train.MatmulPrecisionAtStart", "trainer.max_epochs=1", "logger=csv"]
+    try:
+        assert train(make_cfg("float32_matmul_precision=high", *record))["status"] == "completed"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert MatmulPrecisionAtStart.seen == ["high"]

@@ -111,6 +111,7 @@ def _devices(key: str, v: Any) -> str | None:
 # data keys by the data module; these are the ones Lightning or torch would take silently or with a traceback.
 TRAIN_CHECKS: dict[str, Callable[[str, Any], str | None]] = {
     "seed": _seed,
+    "float32_matmul_precision": _one_of("highest", "high", "medium"),
     "optimizer.lr": _positive_number(),
     "optimizer.momentum": lambda k, v: None if v is None else _non_negative_number(k, v),
     "optimizer.weight_decay": lambda k, v: None if v is None else _non_negative_number(k, v),

@@ -32,6 +32,8 @@ NOISY_INFO = (
     "Restored all states from the checkpoint at ",
     # checkpoint_connector.py: on every trainer.save_checkpoint() without weights_only (the interrupt's last.ckpt)
     "`weights_only` was not set, defaulting to `False`.",
+    # fabric/accelerators/cuda.py, every GPU run: the choice is the config key float32_matmul_precision (README)
+    "You are using a CUDA device (",
     # trainer.py: a per-step schedule (gruexp.schedules) asks for the run's total steps before fit starts
     "Loading `train_dataloader` to estimate number of stepping batches.",
 )
@@ -44,6 +46,10 @@ NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"torch\.distributed\.nn\.functional\.all_gather is deprecated"),
     # a resumed run writes into its own new folder by design: its checkpoints' dirpath always differs
     (UserWarning, r"The dirpath has changed from "),
+    # data_connector.py, on machines with more than 2 cores: gruexp's loaders gather a batch with one slice of a
+    # memory-mapped file in the main process (scripts/bench_data.py: 0.06 % of a step); workers would only add their
+    # start-up to every epoch. Lightning's own docs (advanced/warnings.rst) filter it this way.
+    (Warning, r"The '\w+' does not have many workers which may be a bottleneck"),
     # train/tokens_per_sec is already summed over ranks (a synced SumMetric): sync_dist would add the ranks again
     (Warning, r"It is recommended to use `self\.log\('train/tokens_per_sec', \.\.\., sync_dist=True\)`"),
 )

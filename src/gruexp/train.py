@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -63,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:  # everything a user's value can break, before any training: one line each (gruexp.checks)
         checks.check_train_config(cfg)
         faults.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
+        torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
         seed = L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data, seed=seed)
         log.info("data: %s", datamodule.describe())
