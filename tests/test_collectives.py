@@ -7,6 +7,7 @@ that stands in for DDP over NCCL: it asserts that every tensor handed to a colle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from types import SimpleNamespace
@@ -177,3 +178,26 @@ def test_divergence_inside_a_check_window_names_its_step_and_saves_nothing_bad(t
     for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
         saved = torch.load(ckpt, weights_only=True)
         assert saved["epoch"] == 0 and all(torch.isfinite(w).all() for w in saved["state_dict"].values()), ckpt
+
+
+def test_ddp_wraps_the_model_on_the_stream_its_steps_run_on(monkeypatch):
+    """Lightning 2.6 wraps a GPU model in DDP inside a new CUDA stream; on an H200 torch then warned, every run, that
+    DDP's AccumulateGrad nodes sit on another stream than the backward. gruexp's `ddp` wraps it where it stands. No
+    GPU here: fakes record the stream calls and DDP's arguments (NCCL and CUDA streams cannot run on this machine)."""
+    from lightning.pytorch.strategies import ddp as lightning_ddp
+
+    from gruexp import launch
+
+    streams, wrapped = [], []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: streams.append("Stream") or object())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: streams.append("stream") or contextlib.nullcontext())
+    fake_ddp = lambda **kw: wrapped.append(kw) or "ddp-model"  # noqa: E731
+    monkeypatch.setattr(launch, "DistributedDataParallel", fake_ddp, raising=False)
+    monkeypatch.setattr(lightning_ddp, "DistributedDataParallel", fake_ddp)  # Lightning's own _setup_model's
+    launch.register_strategies()
+    strategy = launch.JobDDPStrategy(find_unused_parameters=False)
+    monkeypatch.setattr(strategy, "determine_ddp_device_ids", lambda: [0])  # a GPU rank's device ids
+    model = torch.nn.Linear(2, 2)
+    assert strategy._setup_model(model) == "ddp-model"
+    assert wrapped == [{"module": model, "device_ids": [0], "find_unused_parameters": False}]
+    assert streams == []

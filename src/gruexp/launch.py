@@ -30,6 +30,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from gruexp import UserError
 from gruexp.threads import THREAD_VARS, threads_per_process, usable_cores, user_threads
@@ -122,7 +123,14 @@ class JobScriptLauncher(_SubprocessScriptLauncher):
 
 
 class JobDDPStrategy(DDPStrategy):
-    """Lightning's DDPStrategy; its `popen` start method (the `ddp` default) uses JobScriptLauncher."""
+    """Lightning's DDPStrategy; its `popen` start method (the `ddp` default) uses JobScriptLauncher, and the model is
+    wrapped on the stream every forward and backward runs on."""
+
+    def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
+        # Lightning 2.6 builds DDP inside a new side stream (for CUDA-graph capture, which gruexp does not do): DDP's
+        # AccumulateGrad nodes then belong to another stream than the backward, and torch warned on an H200 of the
+        # extra synchronisation this costs on every step (Lightning #21567; its fix, #21746, came after 2.6.6).
+        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
