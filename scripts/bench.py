@@ -96,6 +96,24 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
+def one_shape_parser(description: str, steps: int, steps_help: str) -> argparse.ArgumentParser:
+    """The options profile_step.py and framework_phases.py share: --variant, --shape (one), --steps, --threads."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--variant", choices=MODEL_NAMES, default="fused")
+    p.add_argument("--shape", type=parse_shapes, default=parse_shapes("32x256"), help="BATCHxHIDDEN")
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def parse_one_shape(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """p's arguments, refused in one line (exit 2) unless one shape and --steps, --threads of at least 1."""
+    args = p.parse_args(argv)
+    if len(args.shape) != 1 or args.steps < 1 or args.threads < 1:
+        p.error("give one --shape, and --steps and --threads of at least 1")
+    return args
+
+
 def make_model(name: str, V: int, H: int):
     """build_model(name), or for fused-<backend> the fused model with that backend forced (auto: left to choose)."""
     if not name.startswith("fused-"):

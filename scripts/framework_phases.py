@@ -11,7 +11,6 @@ code does the same work; each phase's figure is its median over the steps, so th
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import logging
@@ -22,8 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from gruexp.models import MODEL_NAMES
 
 _spec = importlib.util.spec_from_file_location("bench", Path(__file__).with_name("bench.py"))
 bench = importlib.util.module_from_spec(_spec)
@@ -111,14 +108,8 @@ def phases(name: str, B: int, H: int, steps: int, warmup: int, seed: int) -> tup
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", choices=MODEL_NAMES, default="fused")
-    p.add_argument("--shape", type=bench.parse_shapes, default=bench.parse_shapes("32x256"), help="BATCHxHIDDEN")
-    p.add_argument("--steps", type=int, default=300, help="timed steps of each, after 30 untimed (default 300)")
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    if len(args.shape) != 1 or args.steps < 1 or args.threads < 1:
-        p.error("give one --shape, and --steps and --threads of at least 1")
+    p = bench.one_shape_parser(__doc__.split("\n\n")[0], 300, "timed steps of each, after 30 untimed (default 300)")
+    args = bench.parse_one_shape(p, argv)
     torch.set_num_threads(args.threads)
     (B, H), warmup = args.shape[0], 30
     import lightning  # noqa: F401  (it sets its loggers' levels on import: set them after)

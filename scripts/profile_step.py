@@ -10,14 +10,11 @@ self time of GRURecurrence (forward) and GRURecurrenceBackward. The harness meas
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-from gruexp.models import MODEL_NAMES
 
 _spec = importlib.util.spec_from_file_location("bench", Path(__file__).with_name("bench.py"))
 bench = importlib.util.module_from_spec(_spec)
@@ -25,15 +22,9 @@ _spec.loader.exec_module(bench)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", choices=MODEL_NAMES, default="fused")
-    p.add_argument("--shape", type=bench.parse_shapes, default=bench.parse_shapes("32x256"), help="BATCHxHIDDEN")
-    p.add_argument("--steps", type=int, default=20, help="profiled steps, after 5 untimed ones (default 20)")
-    p.add_argument("--threads", type=int, default=2)
+    p = bench.one_shape_parser(__doc__.split("\n\n")[0], 20, "profiled steps, after 5 untimed ones (default 20)")
     p.add_argument("--rows", type=int, default=15, help="operators to list (default 15)")
-    args = p.parse_args(argv)
-    if len(args.shape) != 1 or args.steps < 1 or args.threads < 1:
-        p.error("give one --shape, and --steps and --threads of at least 1")
+    args = bench.parse_one_shape(p, argv)
     (B, H), T = args.shape[0], 35
     torch.set_num_threads(args.threads)
     step = bench.TrainStep(args.variant, 28, B, T, H, torch.device("cpu"), seed=0)
