@@ -15,7 +15,9 @@ Tokens are random ids: the rate of a GRU does not depend on the text.
 --framework also runs the real CharLM training step through Lightning's loop (Trainer.fit with gruexp's divergence
 and interrupt checks, gradient clipping, a CSV logger logging every 10 steps) and, after each of its windows of 10
 steps, 10 bare steps, so both are timed under the same load: 200 steps each (--framework-steps), each rate the
-median over 10-step windows (a logging step in each), and framework/bare, per variant and shape.
+median over 10-step windows (a logging step in each), and framework/bare, per variant and shape. A second run
+does the same for Lightning's floor, the leanest LightningModule doing the bare step's work (floor/bare), which
+splits framework/bare into what Trainer.fit costs any model and what gruexp adds (framework/floor).
 """
 
 from __future__ import annotations
@@ -189,9 +191,40 @@ def windows(seconds: list[float], n: int) -> list[float]:
     return [sum(seconds[i : i + n]) for i in range(0, len(seconds) - n + 1, n)]
 
 
-def fit_through_lightning(model, batches: list, timer, device: torch.device, max_steps: int = -1) -> None:
+def floor_module(name: str, V: int, H: int):
+    """Lightning's floor: the leanest LightningModule around the same net, doing TrainStep's work and nothing else
+    (state carried, cross-entropy, SGD at lr 1); what any model trained by Trainer.fit pays, gruexp or not."""
+    import lightning as L
+
+    class Floor(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model(name, V, H)
+            self.state: torch.Tensor | None = None
+
+        def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+            X, Y = batch
+            logits, state = self.net(X, self.state)
+            self.state = state.detach()
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    return Floor()
+
+
+def window_rate(seconds: list[float], tokens_per_step: int) -> float:
+    """Tokens/sec from per-step seconds: over the median LOG_EVERY-step window, so the logging steps count."""
+    return tokens_per_step * LOG_EVERY / statistics.median(windows(seconds, LOG_EVERY))
+
+
+def fit_through_lightning(
+    model, batches: list, timer, device: torch.device, max_steps: int = -1, floor: bool = False
+) -> None:
     """Train `model` (a CharLM) on `batches` with Trainer.fit as the framework runs are timed: gruexp's divergence and
-    interrupt checks, then the `timer` callback, clipping at 1, a CSV logger every LOG_EVERY steps, no validation."""
+    interrupt checks, then the `timer` callback, clipping at 1, a CSV logger every LOG_EVERY steps, no validation.
+    With `floor` (a floor_module), the same clipping and loop with no logger and no callback but the timer."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
@@ -208,8 +241,8 @@ def fit_through_lightning(model, batches: list, timer, device: torch.device, max
             limit_val_batches=0,
             num_sanity_val_steps=0,
             log_every_n_steps=LOG_EVERY,
-            logger=CSVLogger(tmp, name="bench"),
-            callbacks=[DivergenceDetector(), InterruptCheckpoint(), timer],
+            logger=False if floor else CSVLogger(tmp, name="bench"),
+            callbacks=[timer] if floor else [DivergenceDetector(), InterruptCheckpoint(), timer],
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -231,8 +264,10 @@ def framework_vs_bare(
     warmup: int,
     per_round: int,
     seed: int,
+    floor: bool = False,
 ) -> tuple[list[float], list[float]]:
-    """Seconds per step of CharLM under Trainer.fit and of the bare TrainStep, interleaved in one process.
+    """Seconds per step of CharLM (with `floor`, of floor_module) under Trainer.fit and of the bare TrainStep,
+    interleaved in one process.
 
     A callback times each Lightning step from one on_train_batch_end to the next (data fetch, hooks, step, clip,
     optimizer, logging: all of it) and runs `per_round` bare steps after every `per_round` Lightning steps.
@@ -274,11 +309,13 @@ def framework_vs_bare(
                     bare()
             self.t = time.perf_counter()
 
-    torch.manual_seed(seed)
-    model = CharLM(
-        name, H, [f"c{i}" for i in range(V)], optimizer=functools.partial(torch.optim.SGD, lr=1.0), sample_chars=0
-    )
-    fit_through_lightning(model, batches, Interleave(), device, max_steps=warmup + samples + 1)
+    torch.manual_seed(seed)  # as TrainStep: the same initial weights
+    if floor:
+        model = floor_module(name, V, H)
+    else:
+        vocab = [f"c{i}" for i in range(V)]
+        model = CharLM(name, H, vocab, optimizer=functools.partial(torch.optim.SGD, lr=1.0), sample_chars=0)
+    fit_through_lightning(model, batches, Interleave(), device, max_steps=warmup + samples + 1, floor=floor)
     return lightning_s[:samples], bare_s[:samples]
 
 
@@ -393,7 +430,8 @@ def format_report(report: dict) -> str:
     if report.get("framework"):
         lines += [
             "",
-            f"{'through Lightning':<18}{'B':>5}{'H':>6}{'framework tok/s':>17}{'bare tok/s':>12}{'ratio':>14}",
+            f"{'through Lightning':<18}{'B':>5}{'H':>6}{'framework tok/s':>17}{'bare tok/s':>12}"
+            f"{'framework/bare':>22}{'floor/bare':>12}{'framework/floor':>17}",
         ]
     for r in report.get("framework", []):
         cell = f"{r['framework/bare']:.3f}"
@@ -402,8 +440,13 @@ def format_report(report: dict) -> str:
             cell += f" ({'ok' if r['framework/bare'] >= target else 'below'} {target:g})"
         lines.append(
             f"{r['variant']:<18}{r['batch']:>5}{r['hidden']:>6}{r['framework_tokens_per_sec']:>17,.0f}"
-            f"{r['bare_tokens_per_sec']:>12,.0f}  {cell:<20}"
+            f"{r['bare_tokens_per_sec']:>12,.0f}{cell:>22}{r['floor/bare']:>12.3f}{r['framework/floor']:>17.3f}"
         )
+    if report.get("framework"):
+        lines += [
+            "floor: the leanest LightningModule around the same net (forward, loss, SGD), same loop and clipping,",
+            "no logger, no callback: what Trainer.fit itself costs; framework/floor: what gruexp costs above it",
+        ]
     return "\n".join(lines)
 
 
@@ -416,9 +459,9 @@ def repeat_summary(reports: list[dict]) -> dict[str, dict]:
                 if key in q:
                     series.setdefault(f"{q['mode']} B{q['batch']} H{q['hidden']} {key}", []).append(q[key])
         for r in report.get("framework", []):
-            series.setdefault(f"framework {r['variant']} B{r['batch']} H{r['hidden']} /bare", []).append(
-                r["framework/bare"]
-            )
+            for key in ("framework/bare", "floor/bare", "framework/floor"):
+                head, tail = key.split("/")
+                series.setdefault(f"{head} {r['variant']} B{r['batch']} H{r['hidden']} /{tail}", []).append(r[key])
     return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in series.items()}
 
 
@@ -542,13 +585,18 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"timing framework {v} B={B} H={H} ...", file=sys.stderr, flush=True)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals
-                    fw, bare = framework_vs_bare(
-                        v, V, B, T, H, device, args.framework_steps, args.warmup, LOG_EVERY, args.seed
-                    )
-                fw_rate, bare_rate = (B * T * LOG_EVERY / statistics.median(windows(t, LOG_EVERY)) for t in (fw, bare))
-                row = {"variant": v, "batch": B, "hidden": H, "steps": len(fw)}
-                row |= {"framework_tokens_per_sec": fw_rate, "bare_tokens_per_sec": bare_rate}
-                row["framework/bare"] = fw_rate / bare_rate
+                    timed = [
+                        framework_vs_bare(
+                            v, V, B, T, H, device, args.framework_steps, args.warmup, LOG_EVERY, args.seed, floor
+                        )
+                        for floor in (False, True)
+                    ]
+                fw, bare, floor, floor_bare = (window_rate(t, B * T) for pair in timed for t in pair)
+                row = {"variant": v, "batch": B, "hidden": H, "steps": len(timed[0][0])}
+                row |= {"framework_tokens_per_sec": fw, "bare_tokens_per_sec": bare, "framework/bare": fw / bare}
+                # Lightning's own cost (floor_module in the same loop), and gruexp's above it: the part gruexp owns
+                row["floor/bare"] = floor / floor_bare
+                row["framework/floor"] = row["framework/bare"] / row["floor/bare"]
                 if (device.type, B, H, v) == ("cpu", 32, 256, "fused"):
                     row["target framework/bare"] = FRAMEWORK_TARGET
                 framework.append(row)

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 
-from test_bench import TINY_BENCH, run_bench
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from test_bench import BENCH, TINY_BENCH, run_bench
+
+from gruexp.module import CharLM
+
+
+@pytest.mark.parametrize("name", ["scratch", "fused"])
+def test_charlm_the_floor_and_the_bare_step_do_the_same_work(name):
+    """framework/bare and floor/bare compare like with like: from the same weights and batches, two steps of CharLM
+    and of the floor module through Trainer.fit leave the weights two bare steps leave (carried state, clip, SGD)."""
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    V, B, T, H, seed = 28, 4, 35, 16, 3
+    bare = bench.TrainStep(name, V, B, T, H, torch.device("cpu"), seed)
+    batches = [(bare.X, bare.Y), (bare.X, bare.Y)]
+    for _ in batches:
+        bare()
+    torch.manual_seed(seed)
+    floor = bench.floor_module(name, V, H)
+    bench.fit_through_lightning(floor, batches, Callback(), torch.device("cpu"), max_steps=2, floor=True)
+    torch.manual_seed(seed)
+    charlm = CharLM(name, H, [f"c{i}" for i in range(V)], sample_chars=0)  # SGD at lr 1, as bench's
+    bench.fit_through_lightning(charlm, batches, Callback(), torch.device("cpu"), max_steps=2)
+    want = bare.net.state_dict()
+    for model in (floor, charlm):
+        got = model.net.state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_framework_and_repeat_report_each_ratio_and_its_spread(tmp_path):
@@ -21,6 +53,7 @@ def test_framework_and_repeat_report_each_ratio_and_its_spread(tmp_path):
         for r in rows.values():
             assert r["steps"] == 20 and r["framework_tokens_per_sec"] > 0 and r["bare_tokens_per_sec"] > 0
             assert r["framework/bare"] == r["framework_tokens_per_sec"] / r["bare_tokens_per_sec"]
+            assert r["floor/bare"] > 0 and r["framework/floor"] == r["framework/bare"] / r["floor/bare"]
     summary = report["summary"]
     ratios = [run["ratios"][0]["fused/scratch"] for run in report["runs"]]
     s = summary["train B4 H16 fused/scratch"]
@@ -28,7 +61,12 @@ def test_framework_and_repeat_report_each_ratio_and_its_spread(tmp_path):
     assert (s["min"], s["max"]) == (min(ratios), max(ratios))
     fw = summary["framework fused B4 H16 /bare"]
     assert fw["runs"] == [run["framework"][1]["framework/bare"] for run in report["runs"]]
+    own = summary["framework fused B4 H16 /floor"]
+    assert own["runs"] == [run["framework"][1]["framework/floor"] for run in report["runs"]]
+    lightning_own = summary["floor scratch B4 H16 /bare"]
+    assert lightning_own["runs"] == [run["framework"][0]["floor/bare"] for run in report["runs"]]
     assert "over 2 runs: median (min-max)" in proc.stdout and "through Lightning" in proc.stdout
+    assert "framework/floor: what gruexp costs above it" in proc.stdout
     assert "GPU available" not in proc.stdout + proc.stderr  # Lightning's banner is kept out of the table
 
 
