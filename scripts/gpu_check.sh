@@ -6,7 +6,7 @@
 # 1. the GPU tests (pytest -m gpu)
 # 2. a 1-GPU strategy=ddp run (NCCL process group)
 # 3. bf16-mixed runs of scratch, torch and fused (short)
-# 4. scripts/bench.py --device cuda
+# 4. scripts/bench.py --device cuda, and --framework at B32 H256 (through Lightning vs the bare step)
 # 5. a 2-job hydra/launcher=local sweep on the GPU(s), each job on its own GPU when there are 2 or more
 #
 # Writes OUT_DIR/gpu_check_<UTC date-time>.md (device, versions, each step's status and key numbers) and the
@@ -75,16 +75,7 @@ record() {
 
 # numbers RUN_DIR: status, val/ppl and tokens/sec from a run's summary.json
 numbers() {
-  "$PY" - "$1" <<'EOF'
-import json, sys
-from pathlib import Path
-p = Path(sys.argv[1]) / "summary.json"
-if not p.is_file():
-    print("no summary.json")
-else:
-    s = json.loads(p.read_text())
-    print(f"{s.get('status')}: val/ppl {s.get('val_ppl', float('nan')):.3f}, {s.get('tokens_per_sec', float('nan')):,.0f} tokens/sec, world_size {s.get('world_size')}")
-EOF
+  "$PY" scripts/gpu_check_numbers.py run "$1"
 }
 
 # run_train NAME OVERRIDES...: a short single run in $WORK/NAME; passes if it exits 0 and its summary says completed
@@ -142,20 +133,20 @@ done
 "$PY" scripts/bench.py --device cuda --json "$WORK/bench-gpu.json" >"$WORK/bench.log" 2>&1
 rc=$?
 if [ $rc -eq 0 ] && [ -s "$WORK/bench-gpu.json" ]; then
-  nums=$("$PY" - "$WORK/bench-gpu.json" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-rows = [x for x in r["results"] if x["mode"] == "train"]
-first = min(rows, key=lambda x: (x["batch"], x["hidden"]))
-shape = (first["batch"], first["hidden"])
-rates = {x["variant"]: x["tokens_per_sec"] for x in rows if (x["batch"], x["hidden"]) == shape}
-text = ", ".join(f"{v} {t:,.0f}" for v, t in rates.items())
-print(f"train B{shape[0]} H{shape[1]} tokens/sec: {text}; GEMM {r['gemm_gflops']:,.0f} GFLOP/s")
-EOF
-  )
+  nums=$("$PY" scripts/gpu_check_numbers.py bench "$WORK/bench-gpu.json")
   record "bench.py --device cuda" pass "$nums" "$WORK/bench.log"
 else
   record "bench.py --device cuda" FAIL "exit $rc" "$WORK/bench.log"
+fi
+
+# 4b. the training step through Lightning's loop against the bare step, and Lightning's floor (issue 14.3)
+"$PY" scripts/bench.py --device cuda --framework --shapes 32x256 --variants fused,torch --infer-tokens 0 \
+  --json "$WORK/bench-framework.json" >"$WORK/bench-framework.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && nums=$("$PY" scripts/gpu_check_numbers.py framework "$WORK/bench-framework.json"); then
+  record "bench.py --device cuda --framework" pass "$nums" "$WORK/bench-framework.log"
+else
+  record "bench.py --device cuda --framework" FAIL "exit $rc" "$WORK/bench-framework.log"
 fi
 
 # 5. two jobs side by side under hydra/launcher=local: each its own GPU when the machine has 2 or more

@@ -1,8 +1,10 @@
 """scripts/gpu_check.sh's checks before any GPU step, on a machine without CUDA: every one of them runs here (the
-packages, the corpus), then the script stops with one line and exit 1 and writes nothing."""
+packages, the corpus), then the script stops with one line and exit 1 and writes nothing. And the key numbers its
+report gives (scripts/gpu_check_numbers.py), read from a run and a benchmark made here as the GPU steps make them."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +12,11 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from test_bench import TINY_BENCH, run_bench
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real (gpu_check)")
+from gruexp.train import train
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real (gpu_check)")
 
 
 def gpu_check(out, **env) -> subprocess.CompletedProcess:
@@ -20,6 +25,7 @@ def gpu_check(out, **env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
 
+@cpu_only
 def test_without_cuda_it_checks_the_corpus_then_says_nothing_gpu_side_was_checked(tmp_path, corpus_path):
     proc = gpu_check(tmp_path / "report", GRUEXP_DATA_DIR=str(corpus_path.parent))
     assert proc.returncode == 1
@@ -28,6 +34,7 @@ def test_without_cuda_it_checks_the_corpus_then_says_nothing_gpu_side_was_checke
     assert not (tmp_path / "report").exists()
 
 
+@cpu_only
 def test_a_missing_corpus_is_one_line_naming_where_to_put_it(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -37,3 +44,38 @@ def test_a_missing_corpus_is_one_line_naming_where_to_put_it(tmp_path):
     assert line.startswith("gpu_check: no corpus: gruexp.UserError: no timemachine.txt")
     assert f"put it in {empty}/" in line
     assert not (tmp_path / "report").exists()
+
+
+def numbers(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check_numbers.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_a_runs_numbers_are_its_summarys(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    summary = train(make_cfg("trainer.max_epochs=1", out=run))
+    line = numbers("run", str(run)).stdout
+    rate = f"{summary['tokens_per_sec']:,.0f}"
+    assert line == f"completed: val/ppl {summary['val_ppl']:.3f}, {rate} tokens/sec, world_size 1\n"
+    assert numbers("run", str(tmp_path)).stdout == "no summary.json\n"  # a run that wrote nothing
+
+
+def test_the_benchmarks_numbers_are_its_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--shapes", "8x24,4x16", "--variants", "scratch,fused", "--infer-tokens", "0", "--framework-steps", "10"]
+    proc = run_bench(*TINY_BENCH, *args, "--framework", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    train_rows = {(r["variant"], r["batch"]): r["tokens_per_sec"] for r in report["results"] if r["mode"] == "train"}
+    rates = f"scratch {train_rows['scratch', 4]:,.0f}, fused {train_rows['fused', 4]:,.0f}"  # the smallest shape
+    gemm = f"{report['gemm_gflops']:,.0f}"
+    assert numbers("bench", str(out)).stdout == f"train B4 H16 tokens/sec: {rates}; GEMM {gemm} GFLOP/s\n"
+    parts = numbers("framework", str(out)).stdout.rstrip("\n").split("; ")
+    assert len(parts) == 4 == len(report["framework"])
+    for part, r in zip(parts, report["framework"], strict=True):
+        assert part == (
+            f"{r['variant']} B{r['batch']} H{r['hidden']}: framework/bare {r['framework/bare']:.3f} "
+            f"(floor/bare {r['floor/bare']:.3f}, framework/floor {r['framework/floor']:.3f})"
+        )
+    proc = numbers("frameworks", str(out))
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: gpu_check_numbers.py run RUN_DIR")

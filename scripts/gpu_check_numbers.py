@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""The key numbers of a gpu_check.sh step, one line for its report, read from what the step wrote.
+
+    python scripts/gpu_check_numbers.py run RUN_DIR          # a training run: status, val/ppl, tokens/sec
+    python scripts/gpu_check_numbers.py bench BENCH_JSON     # bench.py --json: training tokens/sec, smallest shape
+    python scripts/gpu_check_numbers.py framework BENCH_JSON # bench.py --framework --json: the ratios through Lightning
+
+Here and not in the shell script, so that a CPU machine tests them on files made the same way (the GPU steps
+themselves only run where there is a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def run_line(run_dir: Path) -> str:
+    """'completed: val/ppl 10.443, 172,485 tokens/sec, world_size 1' from a run's summary.json."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return "no summary.json"
+    s = json.loads(path.read_text())
+    val, rate = s.get("val_ppl", math.nan), s.get("tokens_per_sec", math.nan)
+    return f"{s.get('status')}: val/ppl {val:.3f}, {rate:,.0f} tokens/sec, world_size {s.get('world_size')}"
+
+
+def bench_line(report: dict) -> str:
+    """Every variant's training tokens/sec at the smallest shape, and the GEMM rate."""
+    rows = [r for r in report["results"] if r["mode"] == "train"]
+    B, H = min((r["batch"], r["hidden"]) for r in rows)
+    rates = ", ".join(f"{r['variant']} {r['tokens_per_sec']:,.0f}" for r in rows if (r["batch"], r["hidden"]) == (B, H))
+    return f"train B{B} H{H} tokens/sec: {rates}; GEMM {report['gemm_gflops']:,.0f} GFLOP/s"
+
+
+def framework_line(report: dict) -> str:
+    """Per variant and shape: framework/bare, and its split into floor/bare (Lightning's) and framework/floor."""
+    return "; ".join(
+        f"{r['variant']} B{r['batch']} H{r['hidden']}: framework/bare {r['framework/bare']:.3f} "
+        f"(floor/bare {r['floor/bare']:.3f}, framework/floor {r['framework/floor']:.3f})"
+        for r in report["framework"]
+    )
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("run", "bench", "framework"):
+        print("usage: gpu_check_numbers.py run RUN_DIR | bench BENCH_JSON | framework BENCH_JSON", file=sys.stderr)
+        return 2
+    kind, path = argv[0], Path(argv[1])
+    if kind == "run":
+        print(run_line(path))
+    else:
+        report = json.loads(path.read_text())
+        print(bench_line(report) if kind == "bench" else framework_line(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
