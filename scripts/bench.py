@@ -309,12 +309,16 @@ def framework_vs_bare(
                     bare()
             self.t = time.perf_counter()
 
-    torch.manual_seed(seed)  # as TrainStep: the same initial weights
     if floor:
+        torch.manual_seed(seed)  # as TrainStep: the same initial weights
         model = floor_module(name, V, H)
     else:
         vocab = [f"c{i}" for i in range(V)]
-        model = CharLM(name, H, vocab, optimizer=functools.partial(torch.optim.SGD, lr=1.0), sample_chars=0)
+        model = CharLM(
+            name.split("-")[0], H, vocab, optimizer=functools.partial(torch.optim.SGD, lr=1.0), sample_chars=0
+        )
+        torch.manual_seed(seed)  # TrainStep's net and weights, a fused-<backend> variant's forced backend included
+        model.net = make_model(name, V, H)
     fit_through_lightning(model, batches, Interleave(), device, max_steps=warmup + samples + 1, floor=floor)
     return lightning_s[:samples], bare_s[:samples]
 

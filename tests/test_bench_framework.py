@@ -42,14 +42,14 @@ def test_charlm_the_floor_and_the_bare_step_do_the_same_work(name):
 
 def test_framework_and_repeat_report_each_ratio_and_its_spread(tmp_path):
     out = tmp_path / "bench.json"
-    args = [*TINY_BENCH, "--shapes", "4x16", "--variants", "scratch,fused", "--infer-tokens", "0"]
+    args = [*TINY_BENCH, "--shapes", "4x16", "--variants", "scratch,fused,fused-ops", "--infer-tokens", "0"]
     proc = run_bench(*args, "--framework", "--framework-steps", "20", "--repeat", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["repeat"] == 2 and len(report["runs"]) == 2
     for run in report["runs"]:
         rows = {r["variant"]: r for r in run["framework"]}
-        assert sorted(rows) == ["fused", "scratch"]
+        assert sorted(rows) == ["fused", "fused-ops", "scratch"]  # a forced backend too (it once raised)
         for r in rows.values():
             assert r["steps"] == 20 and r["framework_tokens_per_sec"] > 0 and r["bare_tokens_per_sec"] > 0
             assert r["framework/bare"] == r["framework_tokens_per_sec"] / r["bare_tokens_per_sec"]
