@@ -191,15 +191,15 @@ def windows(seconds: list[float], n: int) -> list[float]:
     return [sum(seconds[i : i + n]) for i in range(0, len(seconds) - n + 1, n)]
 
 
-def floor_module(name: str, V: int, H: int):
-    """Lightning's floor: the leanest LightningModule around the same net, doing TrainStep's work and nothing else
+def floor_module(net: torch.nn.Module):
+    """Lightning's floor: the leanest LightningModule around `net`, doing TrainStep's work and nothing else
     (state carried, cross-entropy, SGD at lr 1); what any model trained by Trainer.fit pays, gruexp or not."""
     import lightning as L
 
     class Floor(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = make_model(name, V, H)
+            self.net = net
             self.state: torch.Tensor | None = None
 
         def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -309,16 +309,16 @@ def framework_vs_bare(
                     bare()
             self.t = time.perf_counter()
 
+    torch.manual_seed(seed)  # TrainStep's net and weights, a fused-<backend> variant's forced backend included
+    net = make_model(name, V, H)
     if floor:
-        torch.manual_seed(seed)  # as TrainStep: the same initial weights
-        model = floor_module(name, V, H)
+        model = floor_module(net)
     else:
         vocab = [f"c{i}" for i in range(V)]
         model = CharLM(
             name.split("-")[0], H, vocab, optimizer=functools.partial(torch.optim.SGD, lr=1.0), sample_chars=0
         )
-        torch.manual_seed(seed)  # TrainStep's net and weights, a fused-<backend> variant's forced backend included
-        model.net = make_model(name, V, H)
+        model.net = net
     fit_through_lightning(model, batches, Interleave(), device, max_steps=warmup + samples + 1, floor=floor)
     return lightning_s[:samples], bare_s[:samples]
 

@@ -27,7 +27,7 @@ def test_charlm_the_floor_and_the_bare_step_do_the_same_work(name):
     for _ in batches:
         bare()
     torch.manual_seed(seed)
-    floor = bench.floor_module(name, V, H)
+    floor = bench.floor_module(bench.make_model(name, V, H))
     bench.fit_through_lightning(floor, batches, Callback(), torch.device("cpu"), max_steps=2, floor=True)
     torch.manual_seed(seed)
     charlm = CharLM(name, H, [f"c{i}" for i in range(V)], sample_chars=0)  # SGD at lr 1, as bench's
