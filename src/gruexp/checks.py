@@ -350,15 +350,26 @@ def model_signature(model_cfg: Any, vocab: Sequence[str]) -> dict[str, Any]:
     return sig
 
 
+SPLIT_KEYS = {"val_fraction": 0.05, "test_fraction": 0.05, "val_tokens": None}  # the data module's defaults
+
+
+def split_signature(data_cfg: Any) -> dict[str, Any]:
+    """The keys that choose the validation and test splits: a resumed run must keep them, or best.ckpt would be
+    chosen across two validation sets and the test split would overlap what was trained on."""
+    return {f"data.{k}": data_cfg.get(k, default) for k, default in SPLIT_KEYS.items()}
+
+
 def vocab_difference(theirs: Sequence[str], mine: Sequence[str]) -> str:
     """Where two unequal vocabularies part, for an error line: `token 3 is 'a', here 'b'`, or their sizes."""
     at = next((i for i, (a, b) in enumerate(zip(theirs, mine, strict=False)) if a != b), None)
     return f"token {at} is {theirs[at]!r}, here {mine[at]!r}" if at is not None else "sizes"
 
 
-def _differs(path: Path, hp: dict, expect: dict[str, Any]) -> str | None:
+def _differs(path: Path, hp: dict, expect: dict[str, Any], data: dict | None = None) -> str | None:
     """The first way the checkpoint's hyper-parameters differ from the run's signature, as a sentence, or None."""
     theirs = model_signature(hp, hp["vocab"])
+    if data is not None:  # the data module's hyper-parameters (a checkpoint without them is not compared)
+        theirs |= split_signature(data)
     for key, mine in expect.items():
         if key == "vocab":
             if theirs["vocab"] != mine:
@@ -367,7 +378,12 @@ def _differs(path: Path, hp: dict, expect: dict[str, Any]) -> str | None:
                     f"{vocab_difference(theirs['vocab'], mine)}): resume with that run's corpus (data.path)"
                 )
         elif key in theirs and theirs[key] != mine:
-            return f"was trained with {key}={theirs[key]}, this run has {key}={mine}: give that run's model overrides"
+            group = key.split(".")[0]
+            why = " (a new split would change what best.ckpt is chosen on)" if group == "data" else ""
+            return (
+                f"was trained with {key}={theirs[key]}, this run has {key}={mine}: give that run's {group} "
+                f"overrides{why}"
+            )
     return None
 
 
@@ -414,7 +430,7 @@ def check_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = No
     if why:
         raise UserError(f"{p}: {why}; use the run's own checkpoints/last.ckpt")
     if expect is not None:
-        why = _differs(p, hp, expect)
+        why = _differs(p, hp, expect, ckpt.get("datamodule_hyper_parameters"))
         if why:
             raise UserError(f"checkpoint {p} {why}")
     return hp

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -117,6 +118,48 @@ def pin_memory(loaders: object, device: torch.device) -> None:
             loader.pin_memory = True
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: 1 == 1.0, (0.9, 0.999) == [0.9, 0.999]."""
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return float(a) == float(b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else a == b
+
+
+def apply_config(optimizer: torch.optim.Optimizer, scheduler: Any, module: CharLM) -> list[str]:
+    """Put this run's optimizer and scheduler values over those a resumed checkpoint restored; say what changed.
+
+    Lightning restores the param groups and the scheduler's state as they were saved, so a changed `optimizer.lr`
+    would be recorded and never used. With a scheduler the saved lr is the scheduled one: it is rescaled to the new
+    base (LambdaLR and the cosine schedules are proportional to it). Returns `optimizer.lr 1.0 -> 1e-06`, ...
+    """
+    changes = []
+    wanted = dict(getattr(module.optimizer, "keywords", {}) or {})
+    for key, want in wanted.items():
+        want = tuple(want) if isinstance(want, Sequence) and not isinstance(want, str) else want  # Adam's betas
+        for i, group in enumerate(optimizer.param_groups):
+            if key not in group:
+                continue
+            base = group.get("initial_lr", group["lr"]) if key == "lr" else group[key]
+            if _same(base, want):
+                continue
+            if key == "lr":
+                group["lr"] = group["lr"] * want / base if base else want
+                if "initial_lr" in group:
+                    group["initial_lr"] = want
+                if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs[i] = want
+                    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+            else:
+                group[key] = type(group[key])(want) if isinstance(group[key], tuple) else want
+            if i == 0:
+                changes.append(f"optimizer.{key} {base} -> {want}")
+    for key, want in (getattr(module.scheduler, "keywords", {}) or {}).items():
+        if scheduler is not None and key in vars(scheduler) and not _same(getattr(scheduler, key), want):
+            changes.append(f"scheduler.{key} {getattr(scheduler, key)} -> {want}")
+            setattr(scheduler, key, want)
+    return changes
+
+
 class CharLM(L.LightningModule):
     """A character language model around `build_model(name, ...)`, trained like d2l's train_ch8.
 
@@ -211,6 +254,11 @@ class CharLM(L.LightningModule):
             self._peak_flops = None
 
     def on_train_start(self) -> None:
+        # here, not in on_fit_start: Lightning restores a checkpoint's optimizer and scheduler between the two
+        if self.trainer.ckpt_path is not None:
+            for change in apply_config(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), self):
+                if self.global_rank == 0:
+                    log.info("resumed with %s from the command line", change)
         pin_memory(self.trainer.train_dataloader, self.device)
         pin_memory(self.trainer.val_dataloaders, self.device)
         # a mid-epoch resume skips on_train_epoch_start: time that partial epoch from here

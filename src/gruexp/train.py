@@ -69,8 +69,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule = instantiate(cfg.data, seed=seed)
         log.info("data: %s", datamodule.describe())
         vocab = datamodule.vocab.idx_to_token
-        # a checkpoint of another model, size or vocabulary is refused here, not resumed silently
-        ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out, expect=checks.model_signature(cfg.model, vocab))
+        # a checkpoint of another model, size, vocabulary or split is refused here, not resumed silently
+        expect = checks.model_signature(cfg.model, vocab) | checks.split_signature(cfg.data)
+        ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out, expect=expect)
         if ckpt_path:
             checks.check_training_left(ckpt_path, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
         checks.check_memory(cfg, len(vocab))  # before the model allocates anything
