@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from gruexp.search import TRIAL_ENV, make_pruner, open_storage
+from gruexp import UserError
+from gruexp.search import TRIAL_ENV, check_journal, check_storage, make_pruner, open_storage
 
 log = logging.getLogger("gruexp.search")
 
@@ -216,11 +217,26 @@ class GruexpOptunaSweeper(Sweeper):
             _refuse("hparams_search=optuna has nothing to search: give hydra.sweeper.params or a choice()/interval()")
         self.identity = study_identity(self.space, self.fixed, self.direction, self.not_in_study_name)
         self.name = self._name_study(self.identity)
+        self._check_settings()
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
         # trials launched together: the launcher runs array_parallelism jobs at once (local, slurm); basic runs one
         self.batch_size = self.n_jobs or int(config.hydra.launcher.get("array_parallelism", 1) or 1)
+
+    def _check_settings(self) -> None:
+        """The sweeper's own values, before anything is written: a refused search leaves no multirun.yaml, no
+        journal, no folder."""
+        if not isinstance(self.n_trials, int) or isinstance(self.n_trials, bool) or self.n_trials < 1:
+            _refuse(f"hydra.sweeper.n_trials must be an integer >= 1 (the study's trials), got {self.n_trials}")
+        try:
+            make_pruner(self.pruner_cfg)
+            if self.storage:
+                check_storage(str(self.storage))
+            else:
+                check_journal(Path(str(self.config.hydra.sweep.dir)).absolute() / "optuna.journal")
+        except UserError as e:
+            _refuse(str(e))
 
     # --- the study ---------------------------------------------------------------------------------------------
 
