@@ -112,7 +112,7 @@ def train_rss(path: Path, tok: str, env: dict, out: Path) -> tuple[float, float]
         f"data.path={path}",
         f"data.tokenizer={tok}",
         "data.val_tokens=20000",
-        "+trainer.max_steps=1",
+        "trainer.max_steps=1",
         "+trainer.limit_test_batches=2",
         "logger=csv",
         "trainer.enable_progress_bar=false",

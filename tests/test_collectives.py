@@ -113,6 +113,14 @@ def test_ddp_checks_are_one_collective_per_step_on_the_module_device():
     assert StepChecks.of(trainer).collectives == 12
 
 
+def test_ddp_interrupt_checks_without_divergence_detector_stay_on_the_module_device():
+    # callbacks=none + InterruptCheckpoint: no loss is recorded, so the decision is built without one
+    module, strategy = meta_module(), RecordingStrategy(META)
+    trainer = ddp_trainer(strategy)
+    run_batches(trainer, module, [InterruptCheckpoint()], [torch.ones((), device=META)] * 3)
+    assert strategy.calls == [("reduce", (2,), {"reduce_op": "max"})] * 3
+
+
 def test_ddp_signal_on_another_rank_stops_this_one_after_the_same_batch():
     module = meta_module()
     strategy = RecordingStrategy(META, answers=[NOTHING, NOTHING, [15.0, -math.inf]])  # rank 1 got SIGTERM

@@ -22,6 +22,7 @@ from conftest import ROOT, TINY, run_cli
 from test_reliability import assert_one_line_error, run_main
 
 from gruexp import UserError
+from gruexp.faults import AtomicCheckpointIO
 from gruexp.train import train
 
 ONE_EPOCH = [*TINY, "trainer.max_epochs=1", "logger=csv"]
@@ -394,8 +395,9 @@ def test_disk_full_at_the_start_is_one_line(small_disk, corpus_path):
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
-def test_kill_mid_save_leaves_no_temporary_file(tmp_path):
+def test_kill_mid_save_keeps_the_previous_checkpoint_whole_and_leaves_no_temporary_file(tmp_path):
     started = tmp_path / "started"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, tmp_path / "last.ckpt")  # the epoch before
     script = f"""
 import pathlib, time, torch
 from gruexp.faults import AtomicCheckpointIO
@@ -412,9 +414,24 @@ AtomicCheckpointIO().save_checkpoint({{"w": torch.zeros(100_000), "slow": Slow()
     deadline = time.monotonic() + 60
     while not started.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert started.exists(), "the save never started"
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["started"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["last.ckpt", "started"]
+    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["w"], torch.ones(3))
+
+
+def test_a_save_puts_the_new_checkpoint_in_by_rename_not_by_rewriting_the_old(tmp_path):
+    # a rewrite in place (a copy over the old file) is what a kill mid-copy truncates: the old inode must go whole
+    path, io = tmp_path / "last.ckpt", AtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(3)}, path)
+    reader = open(path, "rb")  # a reader (evaluate, rsync) holding the old file keeps reading the old file
+    old = os.fstat(reader.fileno()).st_ino
+    io.save_checkpoint({"w": torch.zeros(3)}, path)
+    assert path.stat().st_ino != old
+    assert torch.equal(torch.load(reader, weights_only=True)["w"], torch.ones(3))
+    reader.close()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(3))
 
 
 # --- sweeps -----------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from conftest import TINY, run_cli
 from optuna.trial import TrialState
 
 from gruexp import UserError
+from gruexp.data import cache
+from gruexp.module import restore_rng_states, rng_states
 from gruexp.search import check_journal, open_storage
 from gruexp.train import train
 
@@ -190,3 +192,67 @@ def test_a_bad_sweeper_setting_is_one_line_before_anything_is_written(tmp_path, 
     (error,) = _errors(r)
     assert said.replace("{tmp}", str(tmp_path)) in error
     assert not (tmp_path / "outputs").exists()
+
+
+# --- 3. a damaged token cache is encoded again, and said ------------------------------------------------------
+
+TEXT = "the time traveller for so it will be convenient to speak of him\n" * 50
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    p = tmp_path / "corpus.txt"
+    p.write_text(TEXT)
+    return p
+
+
+@pytest.mark.parametrize("damage", ["same-size bytes", "an id past the vocabulary"])
+def test_a_damaged_token_cache_is_encoded_again_with_a_line(own_cache, caplog, damage):
+    tokens = cache.encoded(own_cache, None, "chars")
+    meta = tokens.path.with_suffix(".json")
+    if damage == "same-size bytes":  # a disk error, a stray write: the size still fits
+        with open(tokens.path, "r+b") as f:
+            f.seek(100)
+            f.write(bytes([tokens.vocab["e"]]) * 20)
+        why = "its bytes differ from those encoded (sha256)"
+    else:  # the vocabulary beside it lost a token (the ids' digest still matches)
+        m = json.loads(meta.read_text())
+        m["vocab"] = m["vocab"][:-1]
+        meta.write_text(json.dumps(m))
+        why = f"token id {len(m['vocab'])} past its vocabulary of {len(m['vocab'])}"
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        again = cache.encoded(own_cache, None, "chars")
+    assert f"token cache {tokens.path} is damaged ({why}): encoding {own_cache} again" in caplog.text
+    assert again.vocab.decode(again.ids()) == TEXT  # trained on what the corpus says, not on the damage
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        cache.encoded(own_cache, None, "chars")
+    assert "damaged" not in caplog.text and "encoded" not in caplog.text  # whole again: mapped, not re-encoded
+
+
+# --- tests that must be able to fail: the GPU's generator is in the checkpoint ---------------------------------
+
+
+def test_a_cuda_models_checkpoint_keeps_and_restores_its_cuda_generator(monkeypatch):
+    # no GPU here: a recording stand-in for torch.cuda's generator calls, on a device the module would report
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.arange(4))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append(("set", device, s.tolist())))
+    cuda = torch.device("cuda", 0)
+    states = rng_states(cuda)
+    assert states["cuda_rng"].tolist() == [0, 1, 2, 3] and torch.equal(states["rng"], torch.get_rng_state())
+    restore_rng_states(states, cuda)
+    assert calls == [("get", cuda), ("set", cuda, [0, 1, 2, 3])]
+    assert set(rng_states(torch.device("cpu"))) == {"rng"}
+    restore_rng_states({"rng": torch.get_rng_state()}, cuda)  # a CPU run's checkpoint resumed on a GPU
+    assert len(calls) == 2
+
+
+def test_resume_restores_the_cpu_generator_dropout_draws_from(make_cfg, tmp_path):
+    run = train(make_cfg(*SGD, "model.num_layers=2", "model.dropout=0.5", out=tmp_path / "a"))
+    saved = torch.load(run["last_ckpt"], weights_only=True)["gruexp_resume"]
+    assert set(saved) >= {"rng"} and "cuda_rng" not in saved
+    torch.manual_seed(12345)
+    restore_rng_states(saved, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), saved["rng"])

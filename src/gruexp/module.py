@@ -118,6 +118,21 @@ def pin_memory(loaders: object, device: torch.device) -> None:
             loader.pin_memory = True
 
 
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators dropout draws from: the CPU's, and on a GPU the device's own (cuda_rng), for exact resume."""
+    states = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    """Put back what rng_states saved; a checkpoint from a CPU run resumed on a GPU restores the CPU's only."""
+    torch.set_rng_state(states["rng"])
+    if device.type == "cuda" and states.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal as config values: 1 == 1.0, (0.9, 0.999) == [0.9, 0.999]."""
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
@@ -404,7 +419,7 @@ class CharLM(L.LightningModule):
                 k: self.all_gather(v) if self.trainer.world_size > 1 else v
                 for k, v in self.train_nll.metric_state.items()
             },
-            "rng": torch.get_rng_state(),  # dropout's; the partitions draw from their own seeded generators
+            **rng_states(self.device),  # dropout's; the partitions draw from their own seeded generators
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -423,7 +438,7 @@ class CharLM(L.LightningModule):
         self.state = None if state is None else mine(state).to(self.device)
         for k, v in r["train_ppl"].items():
             setattr(self.train_nll, k, mine(v).to(self.device, getattr(self.train_nll, k).dtype))
-        torch.set_rng_state(r["rng"])
+        restore_rng_states(r, self.device)
 
     @torch.no_grad()
     def predict(

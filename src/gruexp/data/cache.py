@@ -1,13 +1,16 @@
 """Encode a corpus once into a token file in the user cache, memory-map it on every later run (nanoGPT's train.bin).
 
 `<cache>/tokens/<sha256 of the source>-<member>-<tokenizer>.bin` holds the ids (uint8 when the vocabulary fits),
-`.json` beside it the vocabulary, token count and dtype. The .json is written last, so its presence means the .bin
-is complete; concurrent runs (DDP ranks, sweep jobs) serialise on a lock file, and the first one encodes.
+`.json` beside it the vocabulary, token count, dtype and the .bin's sha256. The .json is written last, so its
+presence means the .bin is complete; every load checks the .bin against it (a damaged cache would train on other
+data with no word) and encodes again when they differ. Concurrent runs (DDP ranks, sweep jobs) serialise on a lock
+file, and the first one encodes.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +29,7 @@ from gruexp.data.tokenizers import Vocab
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the encoding of a tokenizer changes: old token files are then ignored
+FORMAT = 2  # bump when the encoding or the .json changes (2: the tokens' digest): old token files are then ignored
 
 
 @dataclass
@@ -53,26 +56,45 @@ def encoded(source: Path, member: str | None, tokenizer: str, name: str | None =
     folder = tokens_dir()
     folder.mkdir(parents=True, exist_ok=True)
     meta_path, bin_path = folder / f"{key}.json", folder / f"{key}.bin"
-    found = _load(meta_path, bin_path)
+    found, _ = _load(meta_path, bin_path)
     if found is not None:
         return found
     with open(folder / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be encoding it right now: wait, then reuse
-        found = _load(meta_path, bin_path)
+        found, damage = _load(meta_path, bin_path)
         if found is not None:
             return found
+        if damage:
+            log.warning("token cache %s is damaged (%s): encoding %s again", bin_path, damage, name or source)
         return _encode(source, member, tokenizer, name or str(source), digest, meta_path, bin_path)
 
 
-def _load(meta_path: Path, bin_path: Path) -> Tokens | None:
+def _load(meta_path: Path, bin_path: Path) -> tuple[Tokens | None, str | None]:
+    """The cached tokens if their .bin holds what was encoded; else None and why (None: nothing cached yet)."""
     try:
         meta = json.loads(meta_path.read_text())
-        dtype = np.dtype(meta["dtype"])
-        if bin_path.stat().st_size != meta["tokens"] * dtype.itemsize:
-            return None
-    except (OSError, ValueError, KeyError):
-        return None
-    return Tokens(bin_path, meta["tokens"], dtype, Vocab(idx_to_token=meta["vocab"]))
+        dtype, vocab = np.dtype(meta["dtype"]), Vocab(idx_to_token=meta["vocab"])
+        size = bin_path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    if size != meta["tokens"] * dtype.itemsize:
+        return None, f"{size:,} bytes, {meta['tokens'] * dtype.itemsize:,} encoded"
+    digest, top = _scan(bin_path, dtype)
+    if digest != meta.get("tokens_sha256"):
+        return None, "its bytes differ from those encoded (sha256)"
+    if top >= len(vocab):
+        return None, f"token id {top} past its vocabulary of {len(vocab)}"
+    return Tokens(bin_path, meta["tokens"], dtype, vocab), None
+
+
+def _scan(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """sha256 and largest id of a token file, in one read."""
+    h, top = hashlib.sha256(), -1
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+            top = max(top, int(np.frombuffer(block, dtype).max()))
+    return h.hexdigest(), top
 
 
 def _encode(
@@ -107,6 +129,7 @@ def _encode(
         "tokens": n,
         "dtype": dtype.name,
         "vocab": vocab.idx_to_token,
+        "tokens_sha256": _scan(bin_path, dtype)[0],
     }
     tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
     tmp_meta.write_text(json.dumps(meta))
