@@ -447,7 +447,8 @@ def test_sweep_job_with_bad_input_gets_a_summary_and_the_others_a_best(tmp_path,
     assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"
     assert json.loads((sweep / "best.json").read_text())["job"] == "1"
     out = r.stdout + r.stderr
-    assert "best of 1 jobs: job 1" in out
+    (winner,) = [line for line in out.splitlines() if "best of 1 of 2 jobs: job 1" in line]
+    assert winner.endswith(": optimizer.lr=1")  # what it was given, though the other job has no result
     assert "Error executing job with overrides: [" in out and "optimizer.lr=-1" in out and "Traceback" not in out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
+import time
 
 import optuna
 import pytest
@@ -14,6 +16,7 @@ from optuna.trial import TrialState
 
 from gruexp import UserError
 from gruexp.data import cache
+from gruexp.models.backends import Autotuner
 from gruexp.module import restore_rng_states, rng_states
 from gruexp.search import check_journal, open_storage
 from gruexp.train import train
@@ -256,3 +259,60 @@ def test_resume_restores_the_cpu_generator_dropout_draws_from(make_cfg, tmp_path
     torch.manual_seed(12345)
     restore_rng_states(saved, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), saved["rng"])
+
+
+# --- 8. smaller ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module, said",
+    [
+        (
+            "gruexp.evaluate",
+            "evaluate reads the checkpoint's own data options, not a data config: give "
+            "data.corpus=tinyshakespeare (or data.path=<file>)",
+        ),
+        ("gruexp.generate", "generate takes its vocabulary from the checkpoint and reads no corpus: leave it out"),
+    ],
+)
+def test_a_data_choice_given_to_evaluate_or_generate_names_what_works(tmp_path, module, said):
+    r = run_cli(module, "data=tinyshakespeare", "ckpt_path=x", cwd=tmp_path)
+    assert r.returncode == 2
+    assert _errors(r) == [f"Error: data=tinyshakespeare: {said}"]
+
+
+def test_an_unquoted_non_ascii_run_folder_is_told_to_quote_and_the_quoted_one_runs(tmp_path, corpus_path):
+    folder = tmp_path / "résumé"
+    r = run_cli("gruexp.train", *TINY, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert r.returncode == 2
+    (error,) = _errors(r)
+    assert error == (
+        f"Error: hydra.run.dir={folder}: Hydra reads non-ASCII characters only in a quoted value: write "
+        f"'hydra.run.dir=\"{folder}\"' (the shell's quotes around Hydra's)"
+    )
+    r = run_cli("gruexp.train", *TINY, "trainer.max_epochs=1", "logger=csv", f'hydra.run.dir="{folder}"', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
+
+
+def test_an_autotune_decision_waits_for_the_lock_so_no_job_loses_another_jobs(tmp_path):
+    import fcntl
+
+    cache_file = tmp_path / "fused_autotune.json"
+    Autotuner(cache_file)._write("job-a", {"backend": "ops"})
+    ready = tmp_path / "imported"
+    writer = (
+        "import pathlib, sys; from gruexp.models.backends import Autotuner; pathlib.Path(sys.argv[2]).touch(); "
+        "Autotuner(sys.argv[1])._write('job-b', {'backend': 'cudnn'})"
+    )
+    with open(tmp_path / "fused_autotune.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another job is between its read and its write
+        p = subprocess.Popen([sys.executable, "-c", writer, str(cache_file), str(ready)])
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(timeout=1.5)  # it waits for the lock
+        assert set(json.loads(cache_file.read_text())) == {"job-a"}
+    assert p.wait(timeout=60) == 0
+    assert json.loads(cache_file.read_text()) == {"job-a": {"backend": "ops"}, "job-b": {"backend": "cudnn"}}

@@ -201,9 +201,23 @@ def check_overrides(args: Sequence[str], conf_dir: str | os.PathLike, config_nam
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        overrides = parser.parse_overrides([a for a in args if not a.startswith("-")])
     except Exception:
+        for arg in args:
+            key, eq, value = arg.partition("=")
+            if eq and not value.isascii() and value[:1] not in "'\"":
+                try:
+                    parser.parse_overrides([arg])
+                except Exception:
+                    # Hydra's grammar reads non-ASCII only in a quoted value; its own error is a lexer dump
+                    print(
+                        f"Error: {arg}: Hydra reads non-ASCII characters only in a quoted value: write "
+                        f"'{key}=\"{value}\"' (the shell's quotes around Hydra's)",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(2) from None
         return  # Hydra reports its own syntax errors
     conf = Path(conf_dir)
     choices, plain = [], []
@@ -211,6 +225,17 @@ def check_overrides(args: Sequence[str], conf_dir: str | os.PathLike, config_nam
         key = o.key_or_group
         if key.startswith("hydra") or o.is_add() or o.is_force_add() or o.is_delete():
             continue
+        if key == "data" and config_name != "train" and (conf / "data").is_dir():
+            # evaluate's `data` is the checkpoint's data options, not train's group: `+data=` fails there too
+            value = o.value() if isinstance(o.value(), str) else ""
+            corpus = f"data.corpus={value}" if (conf / "data" / f"{value}.yaml").is_file() else "data.corpus=<name>"
+            fix = (
+                f"reads the checkpoint's own data options, not a data config: give {corpus} (or data.path=<file>)"
+                if config_name == "evaluate"
+                else "takes its vocabulary from the checkpoint and reads no corpus: leave it out"
+            )
+            print(f"Error: {o.input_line}: {config_name} {fix}", file=sys.stderr)
+            raise SystemExit(2)
         if (conf / key.replace(".", "/")).is_dir() and o.is_sweep_override():
             choices.append(f"{key}={next(iter(o.sweep_string_iterator()))}")
         elif (conf / key.replace(".", "/")).is_dir():

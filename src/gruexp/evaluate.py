@@ -96,4 +96,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    checks.check_overrides(sys.argv[1:], Path(__file__).resolve().parents[2] / "conf", "evaluate")
     main()

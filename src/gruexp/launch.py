@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from gruexp import UserError
+from gruexp.faults import atomic_write
 from gruexp.threads import THREAD_VARS, threads_per_process, usable_cores, user_threads
 
 log = logging.getLogger("gruexp.launch")
@@ -253,7 +254,8 @@ class PrintBestRun(HydraCallback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = [j for j in read_sweep(sweep_dir) if not math.isnan(j.get(self.metric, math.nan))]
+        everyone = read_sweep(sweep_dir)
+        jobs = [j for j in everyone if not math.isnan(j.get(self.metric, math.nan))]
         pruned = [j for j in jobs if j.get("status") == "pruned"]  # stopped early by Optuna: not comparable
         jobs = [j for j in jobs if j.get("status") != "pruned"]
         if pruned:
@@ -269,14 +271,16 @@ class PrintBestRun(HydraCallback):
             log.warning("sweep %s: no job wrote a %s to its summary.json", sweep_dir, self.metric)
             return
         jobs.sort(key=lambda j: j[self.metric])
-        common = set.intersection(*(set(j["overrides"]) for j in jobs))  # print what differs between jobs
+        # what differs between the sweep's jobs, failed and diverged ones included: a winner among one is still
+        # named by the values it was given
+        common = set.intersection(*(set(j["overrides"]) for j in everyone))
         for j in jobs:
             swept = " ".join(o for o in j["overrides"] if o not in common)
             log.info("job %s  %s %.3f  %s", j["job"], self.metric, j[self.metric], swept)
         best = jobs[0]
         log.info(
-            "best of %d jobs: job %s (%s), %s %.3f: %s",
-            len(jobs),
+            "best of %s jobs: job %s (%s), %s %.3f: %s",
+            len(jobs) if len(jobs) == len(everyone) else f"{len(jobs)} of {len(everyone)}",
             best["job"],
             sweep_dir / best["job"],
             self.metric,
@@ -289,4 +293,5 @@ class PrintBestRun(HydraCallback):
             self.metric: best[self.metric],
             "overrides": best["overrides"],
         }
-        (sweep_dir / "best.json").write_text(json.dumps(payload, indent=2) + "\n")
+        text = json.dumps(payload, indent=2) + "\n"
+        atomic_write(sweep_dir / "best.json", lambda f: f.write(text.encode()))  # as summary.json: never half

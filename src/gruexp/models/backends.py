@@ -16,6 +16,7 @@ one warning: auto never fails where cuDNN works.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -203,16 +204,24 @@ class Autotuner:
             return {}
 
     def _write(self, key: str, decision: dict) -> None:
-        """Add one decision to the file, atomically (jobs may race here; the last writer's file is whole)."""
-        data = self._read()
-        data[key] = decision
+        """Add one decision to the file: read, add and replace under a lock on `<file>.lock`, so that jobs timing
+        side by side (a sweep) keep each other's decisions; the rename keeps the file whole for lock-free readers."""
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".tmp", delete=False) as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(f.name, self.path)
+            with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                data = self._read()
+                data[key] = decision
+                with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".tmp", delete=False) as f:
+                    tmp = f.name
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
         except OSError as e:  # a read-only cache folder costs a re-timing next process, never the run
             log.warning("fused GRU: cannot write the autotune cache %s (%s)", self.path, e)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
 
     def decide(
         self,
