@@ -15,6 +15,7 @@ import torch
 
 from gruexp import UserError, data
 from gruexp.data import CORPORA, StreamSampler, TimeMachineDataModule, Vocab, corpora, load_corpus
+from gruexp.data.datamodule import PAD, HeldOut
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +183,7 @@ def test_datamodule_splits_head_and_tail(corpus_path):
     assert x.shape == y.shape == (32, 35)
     head = torch.from_numpy(dm.ids[:80].astype(np.int64))
     assert any(torch.equal(x[0], head[k : k + 35]) and torch.equal(y[0], head[k + 1 : k + 36]) for k in range(36))
-    assert len(dm.val_dataloader()) == len(dm.test_dataloader()) == (8529 - 1) // (32 * 35)
+    assert len(dm.val_dataloader()) == len(dm.test_dataloader()) == 8  # ceil(ceil(8528 / 32) / 35): whole splits
     first_val, _ = next(iter(dm.val_dataloader()))
     assert first_val[0, 0].item() == dm.ids[len(dm.ids) - 17058]  # read from the split's start
 
@@ -190,7 +191,8 @@ def test_datamodule_splits_head_and_tail(corpus_path):
 def test_val_tokens_caps_validation_only(corpus_path):
     dm = TimeMachineDataModule(val_tokens=2000, batch_size=4, num_steps=10)
     assert dm.split_len("val") == 2000 and dm.split_len("test") == 8529
-    assert len(dm.val_dataloader()) == (2000 - 1) // 40 and len(dm.test_dataloader()) == (8529 - 1) // 40
+    # ceil(ceil(1999 / 4) / 10) and ceil(ceil(8528 / 4) / 10): rows of the whole split, the last batch narrower
+    assert len(dm.val_dataloader()) == 50 and len(dm.test_dataloader()) == 214
 
 
 @pytest.mark.parametrize("partition", ["sequential", "random"])
@@ -235,3 +237,36 @@ def test_seeded_offsets_repeat():
     a, b = StreamSampler(n, 5, 4, seed=9), StreamSampler(n, 5, 4, seed=9)
     assert a.batches() == b.batches()
     assert a.batches() != StreamSampler(n, 5, 4, seed=10).batches()
+
+
+@pytest.mark.parametrize("n, rows, world", [(8529, 32, 1), (2000, 4, 1), (1001, 8, 2), (37, 4, 2), (36, 3, 1)])
+def test_a_held_out_split_scores_every_token_after_its_first_once(n, rows, world):
+    """Read row by row, the real targets of all ranks are the split's ids[1:], each once, and every batch continues
+    the row the batch before it left (the carried state's assumption); padding only after a row's real tokens."""
+    ids = np.random.default_rng(n).integers(0, 50, n).astype(np.uint8)
+    T, per = 10, rows // world
+    shares = [HeldOut(ids, T, rows, (r * per, per)) for r in range(world)]
+    assert sum(s.targets for s in shares) == n - 1
+    streams = [[] for _ in range(rows)]  # (input, target) along each row
+    for r, share in enumerate(shares):
+        assert len(share) == -(-share.row_len // T)
+        for t in range(len(share)):
+            x, y = share[t]
+            assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape and x.shape[0] == per
+            assert x.shape[1] == min(T, share.row_len - t * T)
+            for i in range(per):
+                streams[r * per + i] += list(zip(x[i].tolist(), y[i].tolist(), strict=True))
+    real = []
+    for row in streams:
+        targets = [y for _, y in row]
+        k = targets.index(PAD) if PAD in targets else len(targets)
+        assert all(y == PAD for y in targets[k:])  # padding only at the row's end
+        real += row[:k]
+    assert [y for _, y in real] == ids[1:].tolist()
+    assert [x for x, _ in real] == ids[:-1].tolist()
+
+
+def test_evaluate_and_the_end_of_run_test_read_the_whole_split(corpus_path):
+    dm = TimeMachineDataModule()
+    held_out = dm.test_dataloader().dataset
+    assert held_out.targets == dm.split_len("test") - 1 == 8528

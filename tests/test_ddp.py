@@ -53,7 +53,7 @@ def _val_ppl(model, dm) -> float:
         for x, y in dm.val_dataloader():
             logits, state = model(x, state)
             nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-            count += y.numel()
+            count += int((y >= 0).sum())  # padding (PAD) is not a token
     return math.exp(nll / count)
 
 

@@ -98,7 +98,7 @@ def fp32_val_ppl(model: CharLM, dm) -> float:
         for x, y in dm.val_dataloader():
             logits, state = net(x, state)
             nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-            count += y.numel()
+            count += int((y >= 0).sum())  # padding (PAD) is not a token
     return math.exp(nll / count)
 
 

@@ -71,7 +71,7 @@ def evaluate(ckpt_path: str | Path, split: str = "test", device: str = "cpu", **
     )
     result = trainer.test(model, dataloaders=loader, verbose=False)[0]
     ppl = float(result["test/ppl"])
-    tokens = len(loader) * loader.batch_size * dm.num_steps
+    tokens = loader.dataset.targets  # every token of the split after its first
     return {"ppl": ppl, "bpc": math.log2(ppl), "loss": math.log(ppl), "tokens": tokens}
 
 

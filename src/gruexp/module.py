@@ -45,9 +45,13 @@ class TokenNLL(Metric):
         self.add_state("total_log_probs", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, loss: torch.Tensor, count: int) -> None:
-        """Add a mean loss over `count` tokens (a device op each: no sync, no check of the values)."""
-        self.total_log_probs.add_(loss.detach(), alpha=count)  # in place: the sum stays fp32 whatever loss is
+    def update(self, loss: torch.Tensor, count: int | torch.Tensor, summed: bool = False) -> None:
+        """Add a mean loss over `count` tokens, or with `summed` their summed loss (a device op each: no sync, no
+        check of the values; `count` may be a device tensor)."""
+        if summed:
+            self.total_log_probs.add_(loss.detach().float())
+        else:
+            self.total_log_probs.add_(loss.detach(), alpha=count)  # in place: the sum stays fp32 whatever loss is
         self.count.add_(count)
 
     def compute(self) -> torch.Tensor:
@@ -374,9 +378,17 @@ class CharLM(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._train_state, self.state = self.state, None
 
+    def _score(self, batch, metric: TokenNLL) -> None:
+        """Add a held-out batch to `metric`: its summed NLL and its count of real (not padded) targets."""
+        X, Y = batch
+        state = self.state if self.state is not None and self.state.shape[1] == X.shape[0] else None
+        logits, state = self(X, state)
+        self.state = state.detach()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum")
+        metric.update(nll, (Y >= 0).sum(), summed=True)  # PAD targets (-100) are ignored by both
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, _ = self._step(batch, carry=True)
-        self.val_nll.update(loss, batch[1].numel())
+        self._score(batch, self.val_nll)
 
     def on_validation_epoch_end(self) -> None:
         self._log_nll("val", self.val_nll)
@@ -394,8 +406,7 @@ class CharLM(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         """The test split, read like validation (state carried across its batches): test/ppl and test/bpc."""
-        loss, _ = self._step(batch, carry=True)
-        self.test_nll.update(loss, batch[1].numel())
+        self._score(batch, self.test_nll)
 
     def on_test_epoch_end(self) -> None:
         self._log_nll("test", self.test_nll)

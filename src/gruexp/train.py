@@ -169,7 +169,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             out,
         )
         if tested:
-            log.info("test/ppl %.3f | test/bpc %.3f (best checkpoint, whole test split)", *tested.values())
+            log.info(
+                "test/ppl %.3f | test/bpc %.3f (best checkpoint, whole test split: %s tokens)",
+                tested["test_ppl"],
+                tested["test_bpc"],
+                f"{tested['test_tokens']:,}",
+            )
         log.info("sample: %s", summary["sample"])
     if error is not None:
         raise error
@@ -223,7 +228,8 @@ def _test(trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict
     if "test/ppl" not in result:
         return {}
     ppl = float(result["test/ppl"])
-    return {"test_ppl": ppl, "test_bpc": float(result.get("test/bpc", math.log2(ppl)))}
+    tokens = datamodule.split_len("test") - 1  # every token after the split's first, over all ranks
+    return {"test_ppl": ppl, "test_bpc": float(result.get("test/bpc", math.log2(ppl))), "test_tokens": tokens}
 
 
 def _best_checkpoint(trainer: L.Trainer) -> Any:

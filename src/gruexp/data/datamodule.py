@@ -26,12 +26,9 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-class Windows(Dataset):
-    """Item `s` is the pair (ids[s : s+T], ids[s+1 : s+T+1]); `__getitems__` gathers a whole batch in one go.
-
-    Holds the token file's path, not the mapped array, so a DataLoader worker or DDP rank maps it itself (a pickled
-    np.memmap would be copied whole).
-    """
+class MappedIds(Dataset):
+    """A split's ids that hold the token file's path, not the mapped array, so a DataLoader worker or DDP rank maps
+    it itself (a pickled np.memmap would be copied whole)."""
 
     def __init__(self, ids: np.ndarray | torch.Tensor, num_steps: int, source: tuple[str, str, int, int] | None = None):
         """`source` = (token file, dtype, first token, count) when `ids` is a slice of a memory-mapped token file."""
@@ -53,6 +50,10 @@ class Windows(Dataset):
             self._ids = np.memmap(path, dtype=dt, mode="r", offset=start * dt.itemsize, shape=(n,))
         return self._ids
 
+
+class Windows(MappedIds):
+    """Item `s` is the pair (ids[s : s+T], ids[s+1 : s+T+1]); `__getitems__` gathers a whole batch in one go."""
+
     def __len__(self) -> int:
         return len(self.ids) - self.num_steps
 
@@ -64,6 +65,46 @@ class Windows(Dataset):
         idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.num_steps + 1)
         w = torch.from_numpy(self.ids[idx].astype(np.int64))
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+PAD = -100  # the target of a padded position: F.cross_entropy's ignore_index, so it is never scored
+
+
+class HeldOut(MappedIds):
+    """A held-out split read whole: item t is batch t, every token after the first predicted and scored once.
+
+    The split's n - 1 predictions are cut into `rows` contiguous rows of L = ceil((n - 1) / rows); batch t holds
+    columns [tT, (t+1)T) of this rank's rows (the last batch narrower), so the state carried from batch to batch
+    continues each row. The last row's missing tail is padding: input 0, target PAD, after every real token.
+    """
+
+    def __init__(self, ids, num_steps: int, rows: int, mine: tuple[int, int] = (0, 1), source=None):
+        """`mine` = (first row, rows) of this rank's share (DDP)."""
+        super().__init__(ids, num_steps, source)
+        self.rows, self.mine = rows, mine
+        self.row_len = -(-(len(self.ids) - 1) // rows)
+
+    @property
+    def targets(self) -> int:
+        """How many tokens this share scores (the whole split's n - 1 on one device)."""
+        n, (lo, k) = len(self.ids) - 1, self.mine
+        return int(np.clip(n - np.arange(lo, lo + k) * self.row_len, 0, self.row_len).sum())
+
+    def __len__(self) -> int:
+        return -(-self.row_len // self.num_steps)
+
+    def __getitem__(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= t < len(self):
+            raise IndexError(t)
+        lo, k = self.mine
+        cols = np.arange(t * self.num_steps, min((t + 1) * self.num_steps, self.row_len))
+        pos = np.arange(lo, lo + k)[:, None] * self.row_len + cols  # the input's position in the split
+        last = len(self.ids) - 2
+        x = self.ids[np.minimum(pos, last)].astype(np.int64)
+        y = self.ids[np.minimum(pos, last) + 1].astype(np.int64)
+        pad = pos > last
+        x[pad], y[pad] = 0, PAD
+        return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _batch(data: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,15 +377,19 @@ class CharDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def eval_dataloader(self, name: str) -> StreamLoader | list:
-        """A held-out split read sequentially from its start, as many rows as it fills (multiple of the world
-        size) up to batch_size; empty when the split is."""
+    def eval_dataloader(self, name: str) -> DataLoader | list:
+        """A held-out split read whole (HeldOut): as many rows as it fills (a multiple of the world size) up to
+        batch_size, each rank its own rows; empty when the split is."""
         if self.split_len(name) <= self.num_steps:
             return []
-        _, world = self._rank()
+        rank, world = self._rank()
         fit = (self.split_len(name) - 1) // self.num_steps
         rows = max(world, min(self.batch_size, fit) // world * world)
-        return self._loader(name, rows, "sequential", shuffle_offset=False)
+        lo, hi = self.bounds[name]
+        source = (str(self.tokens.path), self.tokens.dtype.str, lo, hi - lo)
+        mine = (rank * (rows // world), rows // world)
+        held_out = HeldOut(self.split(name), self.num_steps, rows, mine, source)
+        return DataLoader(held_out, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
     def train_dataloader(self) -> StreamLoader:
         return self._loader("train", self.batch_size, self.partition, shuffle_offset=True)
