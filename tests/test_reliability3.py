@@ -316,3 +316,45 @@ def test_an_autotune_decision_waits_for_the_lock_so_no_job_loses_another_jobs(tm
         assert set(json.loads(cache_file.read_text())) == {"job-a"}
     assert p.wait(timeout=60) == 0
     assert json.loads(cache_file.read_text()) == {"job-a": {"backend": "ops"}, "job-b": {"backend": "cudnn"}}
+
+
+# --- 6. values Hydra or Lightning reject, a cache that cannot be written --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, said",
+    [
+        ("trainer.precision=bogus", "trainer.precision=bogus is not a precision: choose one of "),
+        ("+trainer.foo=1", "trainer: Trainer.__init__() got an unexpected keyword argument 'foo' (check the trainer.*"),
+    ],
+)
+def test_a_value_lightning_refuses_is_one_line_exit_2_and_the_same_line_in_the_summary(tmp_path, override, said):
+    run = tmp_path / "run"
+    r = run_cli("gruexp.train", *TINY, "logger=csv", override, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 2
+    (line,) = [x for x in (r.stdout + r.stderr).splitlines() if said in x]
+    assert "Error in call to target" not in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    error = json.loads((run / "summary.json").read_text())["error"]
+    assert error.startswith(said) and line.endswith(error)
+    if "precision" in said:
+        assert "16-mixed, bf16-true, bf16-mixed, 32-true" in error
+
+
+def test_a_read_only_cache_folder_is_one_line_naming_it_and_the_way_elsewhere(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.decode().strip()}): needs root")
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(ro))
+        corpus = tmp_path / "c.txt"
+        corpus.write_text(TEXT)
+        with pytest.raises(UserError) as e:
+            cache.encoded(corpus, None, "chars")
+        assert str(e.value) == (
+            f"cannot write the token cache {ro / 'gruexp' / 'tokens'} (Read-only file system): make it writable, or "
+            "point gruexp at another cache folder with XDG_CACHE_HOME=<folder>"
+        )
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)

@@ -107,6 +107,26 @@ def _devices(key: str, v: Any) -> str | None:
     return f"{key} must be a number of devices >= 1, -1 (all), a list of ids or auto, got {v!r}"
 
 
+def _precisions() -> tuple:
+    """The precision values Lightning's Trainer accepts (its own Literal types, so a new release's are known)."""
+    try:
+        import typing
+
+        from lightning.fabric.connector import _PRECISION_INPUT
+
+        return tuple(v for group in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(group))
+    except (ImportError, AttributeError):  # Lightning moved it: leave the value to Lightning's own check
+        return ()
+
+
+def _precision(key: str, v: Any) -> str | None:
+    allowed = _precisions()
+    if not allowed or v in allowed or v is None:
+        return None
+    named = ", ".join(str(a) for a in allowed if isinstance(a, str) and "-" in a)
+    return f"{key}={v} is not a precision: choose one of {named}"
+
+
 # Every key of the train config a user sets, with what it must hold. Model sizes are checked by build_model and
 # data keys by the data module; these are the ones Lightning or torch would take silently or with a traceback.
 TRAIN_CHECKS: dict[str, Callable[[str, Any], str | None]] = {
@@ -128,6 +148,7 @@ TRAIN_CHECKS: dict[str, Callable[[str, Any], str | None]] = {
     "trainer.limit_val_batches": lambda k, v: None if v == 0 else _fraction_or_count(k, v),
     "trainer.val_check_interval": _fraction_or_count,
     "trainer.devices": _devices,
+    "trainer.precision": _precision,
     "trainer.num_nodes": _int_at_least(1),
     "trainer.deterministic": _one_of(True, False, "warn"),
     "trainer.enable_progress_bar": _one_of(True, False),

@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -350,10 +351,30 @@ def user_error(exc: BaseException) -> UserError | None:
             )
         if no_space(e):
             return UserError(no_space(e))
+        called = _library_refused(e)
+        if called is not None:
+            return called
         if isinstance(e, OSError) and e.filename and e.errno in (errno.EACCES, errno.EPERM):
             return UserError(f"cannot open {e.filename} ({e.strerror}): fix its permissions or give another file")
         e = e.__cause__  # Hydra raises InstantiationException(...) from the error
     return None
+
+
+def _library_refused(e: BaseException) -> UserError | None:
+    """Hydra's `Error in call to target ...` when the target (Lightning, torch) refused a config value with a
+    ValueError or TypeError of its own: one line naming the config node. Raised inside gruexp it stays a bug."""
+    from hydra.errors import InstantiationException
+
+    cause = e.__cause__
+    if not isinstance(e, InstantiationException) or not isinstance(cause, (ValueError, TypeError)):
+        return None
+    frames = traceback.extract_tb(cause.__traceback__)
+    if frames and f"{os.sep}gruexp{os.sep}" in frames[-1].filename:
+        return None
+    key = re.search(r"^full_key: (\S+)$", str(e), re.MULTILINE)
+    node = key[1] if key else "the config"
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return UserError(f"{node}: {first} (check the {node}.* values given)")
 
 
 def no_space(e: BaseException) -> str | None:

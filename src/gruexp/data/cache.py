@@ -9,6 +9,7 @@ file, and the first one encodes.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gruexp import cache_dir
+from gruexp import UserError, cache_dir
 from gruexp.data import tokenizers
 from gruexp.data.corpora import file_digest, read_chunks
 from gruexp.data.tokenizers import Vocab
@@ -54,12 +55,21 @@ def encoded(source: Path, member: str | None, tokenizer: str, name: str | None =
     digest = file_digest(source)
     key = f"{digest[:32]}-{re.sub(r'[^A-Za-z0-9_.-]', '_', member or 'file')}-{tokenizer}-v{FORMAT}"
     folder = tokens_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     meta_path, bin_path = folder / f"{key}.json", folder / f"{key}.bin"
     found, _ = _load(meta_path, bin_path)
     if found is not None:
         return found
-    with open(folder / f"{key}.lock", "w") as lock:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"{key}.lock", "w")
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise UserError(
+            f"cannot write the token cache {folder} ({e.strerror}): make it writable, or point gruexp at another "
+            "cache folder with XDG_CACHE_HOME=<folder>"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be encoding it right now: wait, then reuse
         found, damage = _load(meta_path, bin_path)
         if found is not None:
