@@ -50,3 +50,32 @@ class SignalOnSetup:
 
     def __init__(self, signum: str = "SIGINT", **data: object):
         os.kill(os.getpid(), getattr(signal, signum))
+
+
+class SignalInLastValidation(Callback):
+    """Send this process `signum` at the first batch of the last epoch's validation (a preemption right there)."""
+
+    def __init__(self, signum: str = "SIGTERM"):
+        self.signum = getattr(signal, signum)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx, *a):
+        last = trainer.current_epoch == trainer.max_epochs - 1
+        if batch_idx == 0 and last and not trainer.sanity_checking and trainer.is_global_zero:
+            os.kill(os.getpid(), self.signum)
+
+
+def SignalWhileEncoding(signum: str = "SIGTERM", **data: object):  # noqa: N802 (a data._target_, as a class)
+    """The data module, sent `signum` while its corpus is first encoded, after the first chunk reached the file."""
+    from gruexp.data import CharDataModule, cache
+
+    encode = cache.tokenizers.encode
+
+    def signalled(chunks, tokenizer, name, write):
+        def write_then_signal(block):
+            write(block)
+            os.kill(os.getpid(), getattr(signal, signum))
+
+        return encode(chunks, tokenizer, name, write_then_signal)
+
+    cache.tokenizers.encode = signalled
+    return CharDataModule(**data)

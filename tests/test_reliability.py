@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -107,11 +108,15 @@ def test_sigint_from_cli_saves_last_and_ckpt_path_last_resumes_in_a_new_folder(t
     assert first.read_bytes() == before  # the interrupted run's files are untouched
 
 
-def test_sigint_while_the_best_checkpoint_is_tested_ends_interrupted_with_a_summary(tmp_path, inject_path, corpus_path):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_best_checkpoint_is_tested_ends_interrupted_with_a_summary(
+    tmp_path, inject_path, corpus_path, signum
+):
     # Lightning turns Ctrl+C during trainer.test into sys.exit(1): the run left no summary.json, and exited 1
-    kill = ["+callbacks.kill._target_=inject.SignalInTest", "+callbacks.kill.signum=SIGINT"]
+    kill = ["+callbacks.kill._target_=inject.SignalInTest", f"+callbacks.kill.signum={signum}"]
     r = run_cli("gruexp.train", *TINY, *kill, f"hydra.run.dir={tmp_path / 'a'}")
-    assert r.returncode == 130, r.stderr[-2000:]
+    assert r.returncode == 128 + getattr(signal, signum), r.stderr[-2000:]
+    assert (r.stdout + r.stderr).count(f"{signum} while testing the best checkpoint: stopping") == 1
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "test_ppl" not in summary
     assert summary["global_step"] > 0 and math.isfinite(summary["val_ppl"])  # what training measured is kept

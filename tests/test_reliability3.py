@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -358,3 +360,53 @@ def test_a_read_only_cache_folder_is_one_line_naming_it_and_the_way_elsewhere(tm
         )
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+# --- 5. signals at awkward moments ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inject_env(monkeypatch, tmp_path):
+    """CLI runs that import tests/inject.py and encode into their own, empty token cache."""
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_sigterm_while_the_corpus_is_encoded_ends_interrupted_and_leaves_no_partial_file(
+    tmp_path, inject_env, corpus_path
+):
+    run = tmp_path / "run"
+    r = run_cli("gruexp.train", *TINY, "data._target_=inject.SignalWhileEncoding", f"hydra.run.dir={run}")
+    assert r.returncode == 143 and "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert out.count("SIGTERM while setting up: stopping") == 1
+    assert f"INTERRUPTED before training started | {run}" in out
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    tokens = tmp_path / "cache" / "gruexp" / "tokens"
+    assert tokens.is_dir() and [p.name for p in tokens.iterdir() if p.suffix in (".part", ".bin")] == []
+
+
+def test_a_partial_token_file_of_a_killed_encoder_is_removed_by_the_next_run(own_cache, caplog):
+    tokens = cache.encoded(own_cache, None, "chars")
+    tokens.path.with_suffix(".json").unlink()  # as if the encoder was killed (kill -9) before it finished
+    tokens.path.unlink()
+    stale = tokens.path.with_name(f".{tokens.path.name}.x1y2z3.part")
+    stale.write_bytes(b"\\0" * 1000)
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        again = cache.encoded(own_cache, None, "chars")
+    assert not stale.exists() and f"removing {stale}, left by an encoding that was killed" in caplog.text
+    assert again.vocab.decode(again.ids()) == TEXT
+    assert [p.name for p in tokens.path.parent.iterdir() if p.name.endswith(".part")] == []
+
+
+def test_sigterm_during_the_last_validation_ends_interrupted_without_testing(tmp_path, inject_env, corpus_path):
+    run = tmp_path / "run"
+    kill = ["+callbacks.kill._target_=inject.SignalInLastValidation"]
+    r = run_cli("gruexp.train", *TINY, *kill, "logger=csv", f"hydra.run.dir={run}")
+    assert r.returncode == 143, r.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "test_ppl" not in summary
+    assert summary["epochs"] == 2 and (run / "checkpoints" / "last.ckpt").is_file()  # the last epoch, saved
+    assert "SIGTERM: finishing the current batch, saving last.ckpt" in r.stdout + r.stderr
+    assert "whole test split" not in r.stdout + r.stderr

@@ -24,7 +24,8 @@ import tempfile
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -264,6 +265,51 @@ class InterruptCheckpoint(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
+
+
+def signalled_after_training(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    """A signal InterruptCheckpoint took after training's last batch (during the last validation, which it lets
+    finish, and its save): the run must end interrupted, not go on to test. Agreed over DDP ranks; 0 if none."""
+    checks = StepChecks.of(trainer)
+    signum = checks.stop or checks.signum
+    if trainer.world_size > 1:  # every rank asks, so the collective matches: a signal may reach one rank only
+        agreed = trainer.strategy.reduce(torch.tensor(float(signum), device=pl_module.device), reduce_op="max")
+        signum = int(agreed)
+    return int(signum)
+
+
+class Stopped(SystemExit):
+    """SIGINT or SIGTERM outside training's batches (setting up, testing): stopped at once; exit 128 + signal."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(128 + signum)
+
+
+@contextmanager
+def stop_on_signals(doing: str) -> Iterator[None]:
+    """While setting up or testing, SIGINT and SIGTERM stop the run at once, with one line, as Stopped.
+
+    Unhandled, SIGTERM kills the process silently (exit 143, no summary, a half-written token file left), and
+    Lightning turns Ctrl+C inside trainer.test into exit 1. Raised here, every `finally` on the way out runs.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    said: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not said:
+            said.append(signum)
+            log.warning("%s while %s: stopping", signal.Signals(signum).name, doing)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in InterruptCheckpoint.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _in_main_thread() -> bool:

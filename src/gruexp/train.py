@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -62,43 +61,45 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "partition": cfg.data.get("partition"),
     }
     try:  # everything a user's value can break, before any training: one line each (gruexp.checks)
-        checks.check_train_config(cfg)
-        faults.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
-        torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
-        seed = L.seed_everything(cfg.seed, workers=True)
-        datamodule = instantiate(cfg.data, seed=seed)
-        log.info("data: %s", datamodule.describe())
-        vocab = datamodule.vocab.idx_to_token
-        # a checkpoint of another model, size, vocabulary or split is refused here, not resumed silently
-        expect = checks.model_signature(cfg.model, vocab) | checks.split_signature(cfg.data)
-        ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out, expect=expect)
-        if ckpt_path:
-            checks.check_training_left(ckpt_path, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
-        checks.check_memory(cfg, len(vocab))  # before the model allocates anything
-        model = instantiate(
-            cfg.model,
-            vocab=vocab,
-            optimizer=instantiate(cfg.optimizer),
-            scheduler=instantiate(cfg.get("scheduler")),
-        )
-        callbacks = _instantiate_all(cfg.get("callbacks"))
-        callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
-        pruning = search.pruning_callback()  # an Optuna trial (hparams_search=optuna): report, stop when pruned
-        callbacks += [pruning] if pruning else []
-        loggers = _instantiate_all(cfg.get("logger"))
-        run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
-        for lg in loggers:
-            lg.log_hyperparams(run_config)  # the whole resolved config: W&B's run config, CSV's hparams.yaml
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    except (Exception, KeyboardInterrupt) as e:  # Ctrl+C while the corpus is encoded, say: interrupted, exit 130
-        stopped = isinstance(e, KeyboardInterrupt)
+        # a signal while the corpus is encoded, say: `interrupted`, one line, no half-written token file
+        with faults.stop_on_signals("setting up"):
+            checks.check_train_config(cfg)
+            faults.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
+            torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
+            seed = L.seed_everything(cfg.seed, workers=True)
+            datamodule = instantiate(cfg.data, seed=seed)
+            log.info("data: %s", datamodule.describe())
+            vocab = datamodule.vocab.idx_to_token
+            # a checkpoint of another model, size, vocabulary or split is refused here, not resumed silently
+            expect = checks.model_signature(cfg.model, vocab) | checks.split_signature(cfg.data)
+            ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out, expect=expect)
+            if ckpt_path:
+                checks.check_training_left(ckpt_path, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
+            checks.check_memory(cfg, len(vocab))  # before the model allocates anything
+            model = instantiate(
+                cfg.model,
+                vocab=vocab,
+                optimizer=instantiate(cfg.optimizer),
+                scheduler=instantiate(cfg.get("scheduler")),
+            )
+            callbacks = _instantiate_all(cfg.get("callbacks"))
+            callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
+            pruning = search.pruning_callback()  # an Optuna trial (hparams_search=optuna): report, stop when pruned
+            callbacks += [pruning] if pruning else []
+            loggers = _instantiate_all(cfg.get("logger"))
+            run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+            for lg in loggers:
+                lg.log_hyperparams(run_config)  # the whole resolved config: W&B's run config, CSV's hparams.yaml
+            trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except (Exception, faults.Stopped) as e:
+        stopped = isinstance(e, faults.Stopped)
         ended = {"status": "interrupted"} if stopped else {"status": "failed", "error": _first_line(e)}
         if not checks.is_child_rank():
             _write_summary(out, {**summary, **ended, "wall_time_s": time.perf_counter() - start}, started_at)
             if stopped:
                 log.warning("INTERRUPTED before training started | %s", out)
         if stopped:
-            raise SystemExit(faults.INTERRUPT_EXIT) from None
+            raise SystemExit(e.code) from None
         raise
 
     status, error = "completed", None
@@ -114,16 +115,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         status = "interrupted"
     if status == "completed" and pruning is not None and pruning.pruned_epoch is not None:
         status = "pruned"
+    if status in ("completed", "pruned") and (signum := faults.signalled_after_training(trainer, model)):
+        status, error = "interrupted", SystemExit(128 + signum)  # during the last validation: no test after it
 
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tested: dict[str, float] = {}
     if status == "completed":
-        handler = signal.getsignal(signal.SIGINT)
         try:
-            tested = _test(trainer, model, datamodule)
-        except (KeyboardInterrupt, SystemExit):  # Ctrl+C while testing: Lightning's handler exits 1, SIGINT ignored
-            status, error = "interrupted", SystemExit(faults.INTERRUPT_EXIT)
-            signal.signal(signal.SIGINT, handler)
+            with faults.stop_on_signals("testing the best checkpoint"):
+                tested = _test(trainer, model, datamodule)
+        except faults.Stopped as e:  # training's metrics stay; no test metrics
+            status, error = "interrupted", SystemExit(e.code)
         except Exception as e:
             status, error = "failed", e
     summary.update(

@@ -74,6 +74,10 @@ def encoded(source: Path, member: str | None, tokenizer: str, name: str | None =
         found, damage = _load(meta_path, bin_path)
         if found is not None:
             return found
+        # the encoder holds this lock: a partial file of this key now is a killed (kill -9) encoder's
+        for stale in folder.glob(f".{bin_path.name}.*.part"):
+            log.info("removing %s, left by an encoding that was killed", stale)
+            stale.unlink(missing_ok=True)
         if damage:
             log.warning("token cache %s is damaged (%s): encoding %s again", bin_path, damage, name or source)
         return _encode(source, member, tokenizer, name or str(source), digest, meta_path, bin_path)
