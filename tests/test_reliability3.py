@@ -410,3 +410,14 @@ def test_sigterm_during_the_last_validation_ends_interrupted_without_testing(tmp
     assert summary["epochs"] == 2 and (run / "checkpoints" / "last.ckpt").is_file()  # the last epoch, saved
     assert "SIGTERM: finishing the current batch, saving last.ckpt" in r.stdout + r.stderr
     assert "whole test split" not in r.stdout + r.stderr
+
+
+def test_help_is_printed_without_importing_torch_or_lightning(tmp_path):
+    # issue 25: `--help` took 8 s of CPU, importing torch and Lightning (also through Hydra's plugin scan)
+    r = run_cli("gruexp.train", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "== Configuration groups ==" in r.stdout and "model: fused, scratch, torch" in r.stdout
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "gruexp.train", "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and not {"torch", "lightning"} & imported

@@ -5,15 +5,22 @@ python -m gruexp.train model=scratch trainer.max_epochs=2 model.hidden_size=64 o
 
 from __future__ import annotations
 
+import sys
+
+import hydra
+
+if __name__ == "__main__" and not {"--help", "-h", "--hydra-help"}.isdisjoint(sys.argv[1:]):
+    # help needs the config only: printed before torch and Lightning are imported (seconds of CPU otherwise)
+    hydra.main(version_base="1.3", config_path="../../conf", config_name="train")(lambda cfg: None)()
+    raise SystemExit(0)
+
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig

@@ -37,7 +37,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from gruexp import UserError
-from gruexp.search import TRIAL_ENV, check_journal, check_storage, make_pruner, open_storage
+from gruexp.studies import TRIAL_ENV, check_journal, check_storage, make_pruner, open_storage
 
 log = logging.getLogger("gruexp.search")
 
