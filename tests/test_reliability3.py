@@ -417,7 +417,49 @@ def test_help_is_printed_without_importing_torch_or_lightning(tmp_path):
     r = run_cli("gruexp.train", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "== Configuration groups ==" in r.stdout and "model: fused, scratch, torch" in r.stdout
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "gruexp.train", "--help"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "gruexp.train", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
     assert "hydra" in imported and not {"torch", "lightning"} & imported
+
+
+def test_the_data_options_table_in_usage_md_gives_the_configs_defaults():
+    # issue 25: the table said 10 % validation while the config holds 5 % + 5 % test
+    import re
+
+    from conftest import CONF, ROOT
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train")
+    GlobalHydra.instance().clear()
+    rows = re.findall(r"^\| `data\.(\w+)` \| ([^|]+?) \|", (ROOT / "docs" / "usage.md").read_text(), re.MULTILINE)
+    assert {k for k, _ in rows} >= {"batch_size", "num_steps", "max_tokens", "val_fraction", "test_fraction"}
+    for key, documented in rows:
+        value = cfg.data[key]
+        assert documented == ("null" if value is None else str(value)), f"docs/usage.md: data.{key}"
+
+
+def test_a_run_on_a_busy_machine_says_so_once_with_the_slowdown(make_cfg, tmp_path, caplog, monkeypatch):
+    from gruexp import threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert threads.busy_machine(threads=1) is None  # idle
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 2.5, 2.0))  # three runnable processes on 2 cores already
+    assert threads.busy_machine(threads=1) == (
+        "this machine is busy: load average 3.0 on 2 cores before this run started; expect it to run about 2.0x "
+        "slower than on an idle machine"
+    )
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        summary = train(make_cfg(*SGD, out=tmp_path / "a"))
+    assert caplog.text.count("this machine is busy: load average 3.0 on 2 cores") == 1
+    assert summary["load_at_start"] == 3.0

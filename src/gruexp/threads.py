@@ -38,3 +38,31 @@ def user_threads() -> str | None:
 def threads_per_process(processes: int, cores: int | None = None) -> int:
     """`cores // processes`, at least 1: each of `processes` processes running side by side gets its share."""
     return max(1, (cores if cores is not None else usable_cores()) // max(1, processes))
+
+
+def busy_machine(threads: int | None = None) -> str | None:
+    """A line when other work already fills the machine's cores as a run starts, with the slowdown to expect.
+
+    The load average counts the runnable processes of the whole machine: with L of them on C cores, a run of k
+    threads gets about C / (L + k) of a core each instead of one, so it runs about (L + k) / C times slower than
+    on an idle machine (README's times); below 1.3x nothing is said.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average (Windows)
+        return None
+    cores, k = os.cpu_count() or 1, threads or torch_threads()
+    slowdown = (load + k) / cores
+    if load < cores or slowdown < 1.3:
+        return None
+    return (
+        f"this machine is busy: load average {load:.1f} on {cores} cores before this run started; expect it to "
+        f"run about {slowdown:.1f}x slower than on an idle machine"
+    )
+
+
+def torch_threads() -> int:
+    """The threads torch's CPU kernels use in this process."""
+    import torch
+
+    return torch.get_num_threads()

@@ -17,6 +17,7 @@ if __name__ == "__main__" and not {"--help", "-h", "--hydra-help"}.isdisjoint(sy
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import checks, console, faults, launch, search, tracking
+from gruexp import checks, console, faults, launch, search, threads, tracking
 
 log = logging.getLogger("gruexp.train")
 
@@ -67,6 +68,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "num_steps": cfg.data.get("num_steps"),
         "partition": cfg.data.get("partition"),
     }
+    busy = threads.busy_machine() if not checks.is_child_rank() else None
+    if busy:
+        log.warning("%s", busy)  # a slow run says why, once
+        summary["load_at_start"] = os.getloadavg()[0]
     try:  # everything a user's value can break, before any training: one line each (gruexp.checks)
         # a signal while the corpus is encoded, say: `interrupted`, one line, no half-written token file
         with faults.stop_on_signals("setting up"):
