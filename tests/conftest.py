@@ -58,6 +58,15 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def quiet_console():
+    """Every test as every run is: Lightning's known noise filtered (gruexp.console's list, each with its reason),
+    so that the warnings pytest shows are the ones a user would see. pytest resets warning filters per test."""
+    from gruexp.console import quiet
+
+    quiet()
+
+
 @pytest.fixture(scope="session")
 def corpus_path() -> Path:
     p = Path(os.environ["GRUEXP_DATA_DIR"]) / "timemachine.txt"

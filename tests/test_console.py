@@ -75,6 +75,7 @@ def test_run_and_resume_print_only_config_epochs_and_result(tmp_path):
     out = r.stdout + r.stderr
     _assert_quiet(out)
     assert "epoch 1/2" not in out and re.search(r"^\d\d:\d\d:\d\d epoch 2/2 \| train/ppl", out, re.M)
+    assert out.count(f"resuming {first}") == 1 and "Restoring states" not in out
     assert len(RESULT.findall(out)) == 1
 
 
@@ -121,7 +122,8 @@ def test_quiet_keeps_other_warnings():
     finally:
         for lg in loggers:
             lg.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["Seed set to 3", "Restoring states from the checkpoint path at x.ckpt"]
+    # a resume is said by gruexp (`resuming <file>`, or `ckpt_path=last is <file>`), once, on rank 0
+    assert [r.getMessage() for r in records] == ["Seed set to 3"]
 
 
 def test_epochs_count_from_one_and_val_only_when_validated(make_cfg, tmp_path, caplog):

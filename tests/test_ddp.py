@@ -61,6 +61,8 @@ def _val_ppl(model, dm) -> float:
 def test_two_processes_train_like_one_and_rank_zero_writes(tmp_path, make_cfg, corpus_path):
     r = run_cli("gruexp.train", "model=torch", *TINY, "trainer.devices=2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    said = r.stdout + r.stderr
+    assert said.count("Seed set to 42") == 1 and said.count(" data: timemachine: ") == 1  # rank 0's, not rank 1's
     runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
     assert len(runs) == 1  # no second folder for rank 1
     job = runs[0]

@@ -140,6 +140,11 @@ def test_gruexp_jobs_side_by_side_and_ddp_ranks_get_their_share_of_cores(tmp_pat
     for job in ("0", "1"):
         m = THREADS_LINE.search((sweep / job / "train.log").read_text())
         assert m and (m[1], int(m[2])) == (job, want), (sweep / job / "train.log").read_text()[:2000]
+        # the console says each job's start and end as they happen, with its values, val/ppl and status
+        lr = ("0.5", "2")[int(job)]
+        assert f"job {job} started: optimizer.lr={lr} " in r.stdout + r.stderr
+        val = json.loads((sweep / job / "summary.json").read_text())["val_ppl"]
+        assert f"job {job} ended: completed, val/ppl {val:.3f} (" in r.stdout + r.stderr
 
     # one DDP job of 2 ranks on CPU, started without a launcher: each rank cores // 2 threads, in its own log
     r = subprocess.run(

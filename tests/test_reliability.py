@@ -104,6 +104,7 @@ def test_sigint_from_cli_saves_last_and_ckpt_path_last_resumes_in_a_new_folder(t
     r = run_cli("gruexp.train", *TINY, "ckpt_path=last", f"hydra.run.dir={runs / 'b'}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"ckpt_path=last is {first}" in r.stdout + r.stderr
+    assert "Restoring states from the checkpoint" not in r.stdout + r.stderr  # that line said, once
     assert json.loads((runs / "b" / "summary.json").read_text())["status"] == "completed"
     assert first.read_bytes() == before  # the interrupted run's files are untouched
 

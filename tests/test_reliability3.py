@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -148,6 +149,9 @@ def _errors(r) -> list[str]:
 def test_a_damaged_journal_is_refused_untouched_and_the_line_says_how_to_keep_its_trials(tmp_path, corpus_path):
     first = run_cli("gruexp.train", *SEARCH, "hydra.sweeper.n_trials=1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    said = first.stdout + first.stderr  # issue 25: Optuna's INFO lines, the trial's internals, Lightning's tip
+    assert "A new study created" not in said and "++hydra" not in said and "smaller than the logging" not in said
+    assert "\t#0 : optimizer.lr=" in said and not re.search(r"\d\.\d{8,}", said)  # Optuna's 16 digits: 4
     journal = tmp_path / "outputs" / "train" / "optuna" / "s" / "optuna.journal"
     whole = journal.read_bytes()
     for damaged in (whole[:-25], whole + b'{"op_code": 4, "worker'):  # a crash mid-write; garbage with no newline
@@ -463,3 +467,16 @@ def test_a_run_on_a_busy_machine_says_so_once_with_the_slowdown(make_cfg, tmp_pa
         summary = train(make_cfg(*SGD, out=tmp_path / "a"))
     assert caplog.text.count("this machine is busy: load average 3.0 on 2 cores") == 1
     assert summary["load_at_start"] == 3.0
+
+
+def test_a_sweep_jobs_line_hides_hydras_overrides_and_rounds_optunas_floats():
+    from gruexp.console import brief_overrides
+
+    overrides = [
+        "optimizer.lr=1.815188036606585",
+        "trainer.gradient_clip_val=1",
+        "model=torch",
+        "hydra.sweeper.study_name=s",
+        '++hydra.job.env_set.GRUEXP_OPTUNA_TRIAL=\'{"study":"s"}\'',
+    ]
+    assert brief_overrides(overrides) == "optimizer.lr=1.815 trainer.gradient_clip_val=1 model=torch"

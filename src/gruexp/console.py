@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,7 +28,8 @@ NOISY_INFO = (
     # fabric/utilities/distributed.py: DDP start-up chatter; every rank's `rank r/W config` line says it better
     "Initializing distributed: GLOBAL_RANK",
     "-" * 100 + "\ndistributed_backend=",
-    # checkpoint_connector.py: the second of its two lines on resume ("Restoring states from ..." stays)
+    # checkpoint_connector.py, on resume: train() says `resuming <checkpoint>` once, on rank 0 only
+    "Restoring states from the checkpoint path at ",
     "Restored all states from the checkpoint at ",
     # checkpoint_connector.py: on every trainer.save_checkpoint() without weights_only (the interrupt's last.ckpt)
     "`weights_only` was not set, defaulting to `False`.",
@@ -50,9 +51,41 @@ NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     # memory-mapped file in the main process (scripts/bench_data.py: 0.06 % of a step); workers would only add their
     # start-up to every epoch. Lightning's own docs (advanced/warnings.rst) filter it this way.
     (Warning, r"The '\w+' does not have many workers which may be a bottleneck"),
+    # fit_loop.py, in every short trial: gruexp logs each epoch's figures at its end whatever log_every_n_steps is
+    (Warning, r"The number of training batches \(\d+\) is smaller than the logging interval"),
+    # configuration_validator.py: a run with data.val_fraction=0 has no validation split by the user's choice
+    (Warning, r"You defined a `validation_step` but have no `val_dataloader`\. Skipping val loop\."),
     # train/tokens_per_sec is already summed over ranks (a synced SumMetric): sync_dist would add the ranks again
     (Warning, r"It is recommended to use `self\.log\('train/tokens_per_sec', \.\.\., sync_dist=True\)`"),
 )
+
+
+def brief_overrides(overrides: Sequence[str]) -> str:
+    """A sweep job's overrides as a console shows them: without Hydra's own (`hydra.*`, `++hydra.job.env_set...`,
+    which carry the job's internals) and with floats at 4 significant digits (Optuna draws 16)."""
+    shown = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if key.lstrip("+~").startswith("hydra."):
+            continue
+        try:
+            if eq and "." in value and len(value) > 7:
+                value = f"{float(value):.4g}"
+        except ValueError:
+            pass
+        shown.append(f"{key}{eq}{value}")
+    return " ".join(shown)
+
+
+class _BriefLaunchLines(logging.Filter):
+    """Hydra's basic launcher logs each job as `\t#k : <overrides>`: shorten them (brief_overrides)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("\t#") and " : " in text:
+            head, _, rest = text.partition(" : ")
+            record.msg, record.args = f"{head} : {brief_overrides(rest.split(' '))}", ()
+        return True
 
 
 class _DropMessages(logging.Filter):
@@ -67,6 +100,7 @@ class _DropMessages(logging.Filter):
 
 
 _FILTER = _DropMessages(NOISY_INFO)
+_BRIEF = _BriefLaunchLines()
 
 
 _LOGGERS = (
@@ -80,7 +114,7 @@ _LOGGERS = (
 @contextmanager
 def quiet_restore() -> Iterator[None]:
     """Around trainer.test(ckpt_path=best) at a run's end: Lightning's two lines on loading the checkpoint say
-    nothing the test result line does not (on a resume, the same "Restoring states" line stays)."""
+    nothing the test result line does not."""
     drop = _DropMessages(("Restoring states from the checkpoint path at ", "Loaded model weights from the checkpoint"))
     loggers = [logging.getLogger(name) for name in _LOGGERS]
     for logger in loggers:
@@ -98,6 +132,9 @@ def quiet() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+    launcher = logging.getLogger("hydra._internal.core_plugins.basic_launcher")
+    if _BRIEF not in launcher.filters:
+        launcher.addFilter(_BRIEF)
     for category, message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
 

@@ -44,10 +44,14 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def _describe(cfg: DictConfig) -> str:
-    """The swept keys of a run, for logs: model, hidden size, lr, clip."""
-    return (
-        f"model={cfg.model.name} hidden_size={cfg.model.hidden_size} lr={cfg.optimizer.get('lr')} "
-        f"gradient_clip_val={cfg.trainer.get('gradient_clip_val')}"
+    """The swept keys of a run, for logs: model, hidden size, lr, clip (floats as console.brief_overrides)."""
+    return console.brief_overrides(
+        [
+            f"model={cfg.model.name}",
+            f"hidden_size={cfg.model.hidden_size}",
+            f"lr={cfg.optimizer.get('lr')}",
+            f"gradient_clip_val={cfg.trainer.get('gradient_clip_val')}",
+        ]
     )
 
 
@@ -78,15 +82,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             checks.check_train_config(cfg)
             faults.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
             torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
-            seed = L.seed_everything(cfg.seed, workers=True)
+            child = checks.is_child_rank()  # a DDP rank > 0 re-runs this set-up: rank 0 has said it all
+            seed = L.seed_everything(cfg.seed, workers=True, verbose=not child)
             datamodule = instantiate(cfg.data, seed=seed)
-            log.info("data: %s", datamodule.describe())
+            if not child:
+                log.info("data: %s", datamodule.describe())
             vocab = datamodule.vocab.idx_to_token
             # a checkpoint of another model, size, vocabulary or split is refused here, not resumed silently
             expect = checks.model_signature(cfg.model, vocab) | checks.split_signature(cfg.data)
             ckpt_path = faults.resolve_ckpt_path(cfg.get("ckpt_path"), out, expect=expect)
             if ckpt_path:
                 checks.check_training_left(ckpt_path, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
+                if not child and str(cfg.ckpt_path) != "last":  # `last` has named its file already
+                    log.info("resuming %s", ckpt_path)
             checks.check_memory(cfg, len(vocab))  # before the model allocates anything
             model = instantiate(
                 cfg.model,

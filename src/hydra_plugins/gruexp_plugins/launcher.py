@@ -13,6 +13,7 @@ The variables reach the job through submitit's own `setup` commands (shell lines
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -27,11 +28,12 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from gruexp.console import brief_overrides
 from gruexp.threads import THREAD_VARS, threads_per_process, usable_cores, user_threads
 
 log = logging.getLogger("gruexp.launch")
@@ -184,7 +186,6 @@ class LocalLauncher(BaseSubmititLauncher):
         jobs = []
         for k, (overrides, (processes, on_gpu)) in enumerate(zip(job_overrides, wants, strict=True)):
             idx = initial_job_idx + k
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             if fixed is None:
                 threads = threads_per_process(side_by_side * processes, cores)
                 each = f"{processes} process{'es' * (processes > 1)}"
@@ -212,8 +213,11 @@ class LocalLauncher(BaseSubmititLauncher):
                     job = self._executor(setup).submit(
                         self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state, why, lent
                     )
+                started = time.monotonic()
+                log.info("job %d started: %s", idx, brief_overrides(overrides))
                 while not job.done():
                     time.sleep(_POLL_S)
+                log.info("job %d ended: %s (%.0f s)", idx, _outcome(sweep_dir / str(idx)), time.monotonic() - started)
                 return job
             finally:
                 pool.release(gpus)  # the job's process has ended (or never started): its GPUs are free
@@ -228,6 +232,16 @@ class LocalLauncher(BaseSubmititLauncher):
             raise
         slots.shutdown()
         return [_result(job, idx, overrides) for job, (idx, overrides, *_) in zip(ended, jobs, strict=True)]
+
+
+def _outcome(folder: Path) -> str:
+    """`completed, val/ppl 5.43` from a job's summary.json; what is known without one."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return f"no summary.json in {folder}"
+    ppl = summary.get("val_ppl")
+    return f"{summary.get('status', '?')}, val/ppl {ppl:.3f}" if isinstance(ppl, float) else summary.get("status", "?")
 
 
 def _result(job: Any, idx: int, overrides: list[str]) -> JobReturn:

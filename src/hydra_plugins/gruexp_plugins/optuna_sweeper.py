@@ -37,6 +37,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from gruexp import UserError
+from gruexp.console import brief_overrides
 from gruexp.studies import TRIAL_ENV, check_journal, check_storage, make_pruner, open_storage
 
 log = logging.getLogger("gruexp.search")
@@ -210,6 +211,7 @@ class GruexpOptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ...": the sweeper says it
         # name the study before the launcher reads hydra.sweep.dir (submitit resolves its folder from it at once)
         arguments = [f"{k}={v}" for k, v in self.params.items()] + list(config.hydra.overrides.task)
         self.space, self.fixed = search_space(arguments)
@@ -364,7 +366,7 @@ class GruexpOptunaSweeper(Sweeper):
             "pruner": self.pruner_cfg,
             "monitor": self.monitor,
         }
-        quoted = json.dumps(spec).replace("\\", "\\\\").replace("'", "\\'")
+        quoted = json.dumps(spec, separators=(",", ":")).replace("\\", "\\\\").replace("'", "\\'")
         return [
             *(f"{k}={v}" for k, v in trial.params.items()),
             *(f"{k}={v}" for k, v in fixed.items()),
@@ -424,7 +426,7 @@ class GruexpOptunaSweeper(Sweeper):
             best.number,
             self.monitor,
             best.value,
-            " ".join(f"{k}={v}" for k, v in best.params.items()),
+            brief_overrides([f"{k}={v}" for k, v in best.params.items()]),  # optimization_results.yaml: exact
         )
         results = {
             "name": "optuna",
