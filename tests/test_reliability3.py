@@ -480,3 +480,24 @@ def test_a_sweep_jobs_line_hides_hydras_overrides_and_rounds_optunas_floats():
         '++hydra.job.env_set.GRUEXP_OPTUNA_TRIAL=\'{"study":"s"}\'',
     ]
     assert brief_overrides(overrides) == "optimizer.lr=1.815 trainer.gradient_clip_val=1 model=torch"
+
+
+# --- issue 25.2: one record per run across resume ---------------------------------------------------------------
+
+
+def test_an_interrupted_run_draws_its_plot_and_the_resumed_run_continues_its_curve_and_wandb_run(
+    tmp_path, inject_env, corpus_path
+):
+    kill = ["+callbacks.kill._target_=inject.SignalAt", "+callbacks.kill.step=50"]  # in epoch 2 of TINY's 37-batch
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_cli("gruexp.train", *TINY, *kill, f"hydra.run.dir={a}")
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert (a / "ppl.png").stat().st_size > 1000  # what it has: epoch 1
+    (first_run,) = (a / "wandb").glob("offline-run-*")
+    r = run_cli("gruexp.train", *TINY, "trainer.max_epochs=3", f"ckpt_path={a}", f"hydra.run.dir={b}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    curves = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["PerplexityCurve"]["curves"]
+    assert [e for e, _ in curves["train/ppl"]] == [1, 2, 3] and [e for e, _ in curves["val/ppl"]] == [1, 2, 3]
+    (second_run,) = (b / "wandb").glob("offline-run-*")
+    run_id = first_run.name.rsplit("-", 1)[1]
+    assert second_run.name.endswith(f"-{run_id}")  # the same W&B run, resumed ("resume": "allow")

@@ -212,18 +212,39 @@ def _lr(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
 
 
 class PerplexityCurve(Callback):
-    """Collects train/val perplexity per epoch and writes `ppl.png` into the run folder (and to W&B) at the end."""
+    """Collects train/val perplexity per epoch and writes `ppl.png` into the run folder (and to W&B) at the end.
+
+    The curves travel in every checkpoint (Lightning saves a callback's state_dict), so a resumed run's ppl.png
+    starts at epoch 1, not at the resume; a run that stops on a signal or an error draws what it has.
+    """
 
     def __init__(self, dirpath: str | Path, filename: str = "ppl.png") -> None:
         self.path = Path(dirpath) / filename
         self.curves: dict[str, list[tuple[int, float]]] = {"train/ppl": [], "val/ppl": []}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"curves": {k: [list(p) for p in v] for k, v in self.curves.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curves = {k: [(int(e), float(v)) for e, v in points] for k, points in state_dict["curves"].items()}
+
+    def _put(self, key: str, epoch: int, value: float) -> None:
+        points = self.curves[key]
+        if points and points[-1][0] == epoch:  # a resume from an epoch's end passes that end again
+            points.pop()
+        points.append((epoch, value))
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.curves["val/ppl"].append((trainer.current_epoch + 1, _metric(trainer, "val/ppl")))
+            self._put("val/ppl", trainer.current_epoch + 1, _metric(trainer, "val/ppl"))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.curves["train/ppl"].append((trainer.current_epoch + 1, _metric(trainer, "train/ppl")))
+        self._put("train/ppl", trainer.current_epoch + 1, _metric(trainer, "train/ppl"))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning skips teardown after an exception (the interrupt's included)
+        if trainer.state.fn == "fit":
+            self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero or not any(self.curves.values()):

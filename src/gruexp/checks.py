@@ -482,6 +482,12 @@ def check_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = No
     return hp
 
 
+def resumed_wandb_id(path: str | os.PathLike) -> str | None:
+    """The W&B run a checkpoint's training logged to (CharLM.on_save_checkpoint), for the resumed run to continue."""
+    run_id = (_read(Path(path)).get("gruexp_resume") or {}).get("wandb_id")
+    return run_id if isinstance(run_id, str) else None
+
+
 def check_training_left(path: str | os.PathLike, max_epochs: int | None, max_steps: int | None) -> None:
     """A checkpoint to resume must leave something to train: else Lightning stops at once and the run would end
     "completed" with no metrics (nan perplexities, an empty sample). Lightning's own test: epochs whose training

@@ -122,6 +122,17 @@ def pin_memory(loaders: object, device: torch.device) -> None:
             loader.pin_memory = True
 
 
+def wandb_run_id(loggers: Sequence[Any]) -> str | None:
+    """The id of the W&B run this training logs to, if any (rank 0's; other ranks hold no run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            run_id = getattr(lg.experiment, "id", None)  # a rank > 0's DummyExperiment has none
+            return run_id if isinstance(run_id, str) else None
+    return None
+
+
 def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
     """The generators dropout draws from: the CPU's, and on a GPU the device's own (cuda_rng), for exact resume."""
     states = {"rng": torch.get_rng_state()}
@@ -431,6 +442,7 @@ class CharLM(L.LightningModule):
                 for k, v in self.train_nll.metric_state.items()
             },
             **rng_states(self.device),  # dropout's; the partitions draw from their own seeded generators
+            "wandb_id": wandb_run_id(self.trainer.loggers),  # a resumed run continues this W&B run
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

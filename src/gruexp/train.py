@@ -33,9 +33,14 @@ from gruexp import checks, console, faults, launch, search, threads, tracking
 log = logging.getLogger("gruexp.train")
 
 
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Every `_target_` entry of a callbacks/logger group; a null entry switches one off."""
-    return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+def _instantiate_all(group: DictConfig | None, wandb_id: str | None = None) -> list[Any]:
+    """Every `_target_` entry of a callbacks/logger group; a null entry switches one off. `wandb_id`: the W&B run a
+    resumed run continues (Lightning's WandbLogger resumes the run of that id)."""
+    return [
+        instantiate(c, **({"id": wandb_id} if wandb_id and str(c._target_).endswith("WandbLogger") else {}))
+        for c in (group or {}).values()
+        if c is not None and "_target_" in c
+    ]
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -106,7 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
             pruning = search.pruning_callback()  # an Optuna trial (hparams_search=optuna): report, stop when pruned
             callbacks += [pruning] if pruning else []
-            loggers = _instantiate_all(cfg.get("logger"))
+            loggers = _instantiate_all(cfg.get("logger"), checks.resumed_wandb_id(ckpt_path) if ckpt_path else None)
             run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
             for lg in loggers:
                 lg.log_hyperparams(run_config)  # the whole resolved config: W&B's run config, CSV's hparams.yaml
