@@ -49,7 +49,7 @@ def test_read_run_prints_a_short_summary(run_folder):
     final = text[text.index("final: ") :].replace("\n  ", " ")  # the final metrics, wrapped at 120 columns
     assert f"train/ppl {summary['train_ppl']:.4g}" in final and f"train/bpc {summary['train_bpc']:.4g}" in final
     assert f"val/ppl last {summary['val_ppl']:.4g} min {summary['best_val_ppl']:.4g}" in text.replace("\n  ", " ")
-    assert f"train/tokens_per_sec {summary['tokens_per_sec']:,.0f}" in text.replace("\n  ", " ")
+    assert f"run/tokens_per_sec {summary['tokens_per_sec']:,.0f}" in text.replace("\n  ", " ")
     history = text[text.index("history: ") :].replace("\n  ", " ")  # wrapped at 120 columns
     assert history.startswith(f"history: {len(run['history'])} rows, 2 epochs: ")
     assert "val/ppl" in history and "_type" not in text and "sha256" not in text  # media fields are not metrics

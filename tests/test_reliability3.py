@@ -501,3 +501,16 @@ def test_an_interrupted_run_draws_its_plot_and_the_resumed_run_continues_its_cur
     (second_run,) = (b / "wandb").glob("offline-run-*")
     run_id = first_run.name.rsplit("-", 1)[1]
     assert second_run.name.endswith(f"-{run_id}")  # the same W&B run, resumed ("resume": "allow")
+
+
+def test_the_epoch_lines_tokens_per_sec_is_the_epochs_value_in_the_csv(make_cfg, tmp_path, caplog):
+    # issue 25: the console's figure was the run's so far while CSV and W&B held each epoch's, under one name
+    import csv
+
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        train(make_cfg(*SGD, "trainer.max_epochs=2", "logger=csv", "trainer.enable_progress_bar=true", out=tmp_path))
+    lines = "\n".join(r.getMessage() for r in caplog.records)
+    said = [int(m.replace(",", "")) for m in re.findall(r"^epoch \d/2 .*\| tokens/sec ([\d,]+)$", lines, re.M)]
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    logged = [round(float(r["train/tokens_per_sec"])) for r in rows if r.get("train/tokens_per_sec")]
+    assert len(said) == 2 and said == logged

@@ -51,6 +51,16 @@ def test_train_writes_summary_metrics_and_checkpoints(make_cfg, tmp_path, name, 
     tps = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
     # the summary's rate is the whole run's (issue 12.1): with equal tokens per epoch, the epochs' harmonic mean
     assert len(tps) == 2 and summary["tokens_per_sec"] == pytest.approx(2 / sum(1 / r for r in tps))
+    # over the wall time: the same tokens, set-up, validation and the test included
+    from hydra.utils import instantiate
+
+    loader = instantiate(cfg.data, seed=cfg.seed).train_dataloader()
+    batches = 0
+    for epoch in (0, 1):  # each epoch draws its own offset, so its own number of batches
+        loader.sampler.set_epoch(epoch)
+        batches += len(loader)
+    tokens = batches * cfg.data.batch_size * cfg.data.num_steps
+    assert summary["wall_tokens_per_sec"] == pytest.approx(tokens / summary["wall_time_s"], rel=1e-6)
 
 
 def test_val_ppl_is_exp_of_mean_token_loss(make_cfg, tmp_path, corpus_path):

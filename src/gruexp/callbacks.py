@@ -47,15 +47,6 @@ class _EpochTracking:
         return self._val_epoch == finished_epoch
 
 
-def _run_rate(items: dict[str, Any], pl_module: L.LightningModule) -> dict[str, Any]:
-    """tokens/sec over the run so far (CharLM.tokens_per_sec) in place of the epoch's: so the bar, the epoch lines,
-    the final line and summary.json show one figure; the per-epoch series stays in the loggers for plots."""
-    rate = getattr(pl_module, "tokens_per_sec", math.nan)
-    if "train/tokens_per_sec" in items and math.isfinite(rate):
-        items = {**items, "train/tokens_per_sec": rate}
-    return items
-
-
 class MetricsBar(_EpochTracking, RichProgressBar):
     """Lightning's Rich bar on one 120-column line: epoch (from 1), batches, time, train ppl, val ppl, tokens/sec.
 
@@ -77,7 +68,8 @@ class MetricsBar(_EpochTracking, RichProgressBar):
         return f"Epoch {current_epoch + 1}" + (f"/{self.trainer.max_epochs}" if self.trainer.max_epochs else "")
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        items = _run_rate(super().get_metrics(trainer, pl_module), pl_module)
+        # tokens/sec: the last finished epoch's train/tokens_per_sec, the value CSV and W&B hold for that epoch
+        items = super().get_metrics(trainer, pl_module)
         out = {short: fmt_metric(short, float(items[k])) for k, short in BAR_KEYS.items() if k in items}
         if "val_ppl" in out and self._val_epoch and not self._val_is_fresh(self._finished):
             out["val_ppl"] += f" (ep {self._val_epoch})"  # an older epoch's: say which
@@ -168,7 +160,7 @@ class EpochLines(_EpochTracking, ProgressBar):
         if not (self._enabled and trainer.is_global_zero):
             return
         epoch = trainer.current_epoch  # between epochs: the number of finished ones, i.e. the 1-based last one
-        m = _run_rate(self.get_metrics(trainer, pl_module), pl_module)
+        m = self.get_metrics(trainer, pl_module)  # tokens/sec: this epoch's train/tokens_per_sec, as CSV and W&B
         names = {"train/ppl": "train/ppl", "val/ppl": "val/ppl", "train/tokens_per_sec": "tokens/sec"}
         parts = [f"epoch {epoch}/{trainer.max_epochs}"]
         for key, name in names.items():
@@ -303,7 +295,9 @@ class WandbExtras(Callback):
         best = getattr(ckpt, "best_model_score", None)
         summary = {
             "best/val_ppl": float(best) if best is not None else _metric(trainer, "val/ppl"),
-            "train/tokens_per_sec": pl_module.tokens_per_sec,  # the whole run's (CharLM.throughput)
+            # the whole run's training tokens over its training time (summary.json's tokens_per_sec); W&B's own
+            # train/tokens_per_sec summary stays the last epoch's, as its history defines the name
+            "run/tokens_per_sec": pl_module.tokens_per_sec,
             "epochs": trainer.current_epoch,
             "sample": pl_module.sample,
         }

@@ -213,7 +213,8 @@ class Run(dict):
         config = " ".join(f"{k}={flat[k]}" for k in SUMMARY_CONFIG if flat.get(k) is not None)
         final = {k: v for k, v in summary.items() if _is_metric(k, v) and not k.startswith(media)}
         keys = sorted({k for row in hist for k in row if _is_metric(k, 0.0) and not k.startswith(media)})
-        epochs = {row["epoch"] for row in hist if "epoch" in row}
+        # the epochs trained: rows that end an epoch (train/ppl); a run's last rows (its end) carry the epoch after
+        epochs = {row["epoch"] for row in hist if "epoch" in row and "train/ppl" in row}
         lines = [
             f"W&B run {r.get('name')} (id {r.get('id')}, project {r.get('project')}, group {r.get('group') or '-'}, "
             f"job type {r.get('job_type') or '-'}{tags})",

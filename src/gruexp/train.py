@@ -159,7 +159,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "val_ppl": m.get("val/ppl", math.nan),
             "train_bpc": m.get("train/bpc", math.nan),
             "val_bpc": m.get("val/bpc", math.nan),
-            "tokens_per_sec": model.tokens_per_sec,  # the whole run's, not the last epoch's (CharLM.throughput)
+            "tokens_per_sec": model.tokens_per_sec,  # the run's training tokens over its training steps' time
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
@@ -170,6 +170,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "status": status,  # completed | interrupted | diverged | failed | pruned
         }
     )
+    # the same tokens over the run's wall time: set-up, validation, checkpoints and the test included
+    summary["wall_tokens_per_sec"] = model.throughput.tokens / summary["wall_time_s"]
     if status == "pruned":
         summary["pruned_epoch"] = pruning.pruned_epoch  # the epoch whose validation the Optuna pruner stopped
     if error is not None and not isinstance(error, SystemExit):
@@ -188,11 +190,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # a run that failed before its first step (a bad value found as fit starts) has no result: its error says it all
     if trainer.is_global_zero and (status != "failed" or trainer.global_step > 0):
         log.info(
-            "%sval/ppl %.3f | train/ppl %.3f | %s tokens/sec | %s",
+            "%sval/ppl %.3f | train/ppl %.3f | %s tokens/sec training, %s over the wall time | %s",
             "" if summary["status"] == "completed" else f"{summary['status'].upper()}: ",
             summary["val_ppl"],
             summary["train_ppl"],
             f"{summary['tokens_per_sec']:,.0f}",
+            f"{summary['wall_tokens_per_sec']:,.0f}",
             out,
         )
         if tested:
