@@ -38,6 +38,19 @@ def _moved(a: dict, b: dict) -> float:
 # --- 1. a value changed on resume is used, and said -----------------------------------------------------------
 
 
+def _resume(make_cfg, tmp_path, caplog, first: list[str], then: list[str]) -> tuple[dict, dict]:
+    """Train an epoch with `first`, then resume it for a second epoch with `then` in place of it (caplog: INFO)."""
+    before = train(make_cfg(*SGD, *first, out=tmp_path / "a"))
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        again = [*SGD, *then, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}"]
+        return before, train(make_cfg(*again, out=tmp_path / "b"))
+
+
+def _group(summary: dict) -> dict:
+    """The optimizer's first param group as the run's last.ckpt saved it."""
+    return torch.load(summary["last_ckpt"], weights_only=True)["optimizer_states"][0]["param_groups"][0]
+
+
 @pytest.mark.parametrize(
     "scheduler",
     [
@@ -50,49 +63,24 @@ def _moved(a: dict, b: dict) -> float:
     ],
 )
 def test_a_learning_rate_changed_on_resume_is_the_one_trained_with(make_cfg, tmp_path, caplog, scheduler):
-    first = train(make_cfg(*SGD, *scheduler, out=tmp_path / "a"))
-    before = _weights(first["last_ckpt"])
-    with caplog.at_level(logging.INFO, logger="gruexp"):
-        resumed = train(
-            make_cfg(
-                *SGD,
-                *scheduler,
-                "trainer.max_epochs=2",
-                "optimizer.lr=1e-6",
-                f"ckpt_path={tmp_path / 'a'}",
-                out=tmp_path / "b",
-            )
-        )
+    first, resumed = _resume(make_cfg, tmp_path, caplog, scheduler, [*scheduler, "optimizer.lr=1e-6"])
     assert resumed["status"] == "completed" and resumed["lr"] == 1e-6
     assert "resumed with optimizer.lr 1.0 -> 1e-06 from the command line" in caplog.text
-    after = torch.load(resumed["last_ckpt"], weights_only=True)
-    group = after["optimizer_states"][0]["param_groups"][0]
+    group = _group(resumed)
     assert group.get("initial_lr", group["lr"]) == 1e-6
     # an epoch at lr 1e-6 leaves the weights where they were (at lr 1.0 they move by more than 0.01)
-    assert _moved(before, after["state_dict"]) < 1e-4
+    after = torch.load(resumed["last_ckpt"], weights_only=True)["state_dict"]
+    assert _moved(_weights(first["last_ckpt"]), after) < 1e-4
 
 
 def test_a_momentum_changed_on_resume_is_used(make_cfg, tmp_path, caplog):
-    train(make_cfg(*SGD, "+optimizer.momentum=0.5", out=tmp_path / "a"))
-    with caplog.at_level(logging.INFO, logger="gruexp"):
-        resumed = train(
-            make_cfg(
-                *SGD,
-                "+optimizer.momentum=0.9",
-                "trainer.max_epochs=2",
-                f"ckpt_path={tmp_path / 'a'}",
-                out=tmp_path / "b",
-            )
-        )
+    _, resumed = _resume(make_cfg, tmp_path, caplog, ["+optimizer.momentum=0.5"], ["+optimizer.momentum=0.9"])
     assert "resumed with optimizer.momentum 0.5 -> 0.9 from the command line" in caplog.text
-    group = torch.load(resumed["last_ckpt"], weights_only=True)["optimizer_states"][0]["param_groups"][0]
-    assert group["momentum"] == 0.9
+    assert _group(resumed)["momentum"] == 0.9
 
 
 def test_an_unchanged_resume_changes_nothing_and_says_nothing(make_cfg, tmp_path, caplog):
-    train(make_cfg(*SGD, out=tmp_path / "a"))
-    with caplog.at_level(logging.INFO, logger="gruexp"):
-        train(make_cfg(*SGD, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a'}", out=tmp_path / "b"))
+    _resume(make_cfg, tmp_path, caplog, [], [])
     assert "resumed with" not in caplog.text
 
 
@@ -111,18 +99,7 @@ def test_resume_with_another_split_is_refused_in_one_line(make_cfg, tmp_path, ke
 
 def test_a_scheduler_value_changed_on_resume_is_used(make_cfg, tmp_path, caplog):
     cosine = ["+scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingLR", "+scheduler._partial_=true"]
-    train(make_cfg(*SGD, *cosine, "+scheduler.T_max=10", out=tmp_path / "a"))
-    with caplog.at_level(logging.INFO, logger="gruexp"):
-        resumed = train(
-            make_cfg(
-                *SGD,
-                *cosine,
-                "+scheduler.T_max=20",
-                "trainer.max_epochs=2",
-                f"ckpt_path={tmp_path / 'a'}",
-                out=tmp_path / "b",
-            )
-        )
+    _, resumed = _resume(make_cfg, tmp_path, caplog, [*cosine, "+scheduler.T_max=10"], [*cosine, "+scheduler.T_max=20"])
     assert "resumed with scheduler.T_max 10 -> 20 from the command line" in caplog.text
     assert torch.load(resumed["last_ckpt"], weights_only=True)["lr_schedulers"][0]["T_max"] == 20
 

@@ -235,8 +235,12 @@ class PerplexityCurve(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning skips teardown after an exception (the interrupt's included)
-        if trainer.state.fn == "fit":
+        if trainer.state.fn != "fit":
+            return
+        try:
             self.teardown(trainer, pl_module, "fit")
+        except Exception as e:  # the plot must not hide why the run stopped (a full disk, say): that error goes on
+            log.warning("could not draw %s: %s", self.path, e)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero or not any(self.curves.values()):
