@@ -10,8 +10,8 @@ PY := $(VENV)/bin/python
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH := $(shell sed -n 's/^torch==//p' constraints.txt)
 ARGS ?=
-# a few seconds each: models against each other, data, schedules, the one-line errors, no training loop
-QUICK := tests/test_models.py tests/test_data.py tests/test_schedules.py tests/test_gru_cpu.py
+# a few seconds each: models against each other, data, schedules, the documented commands; no training run
+QUICK := tests/test_models.py tests/test_data.py tests/test_schedules.py tests/test_gru_cpu.py tests/test_docs.py
 
 .PHONY: train test test-quick lint setup
 
