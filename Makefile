@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 		echo "an NVIDIA GPU: torch $(TORCH) with CUDA, from PyPI"; \
 	else \
 		echo "no NVIDIA GPU: torch $(TORCH)'s CPU build from $(TORCH_CPU_INDEX)"; \
-		$(PY) -m pip install -q --retries 1 --timeout 30 -c constraints.txt --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH)" || \
+		$(PY) -m pip install -q --retries 1 --timeout 30 --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH)" || \
 			{ echo "Error: torch $(TORCH)'s CPU build could not be installed from $(TORCH_CPU_INDEX): set TORCH_CPU_INDEX to a mirror, or install it into $(VENV) yourself"; exit 2; }; \
 	fi
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
