@@ -178,7 +178,7 @@ def apply_config(optimizer: torch.optim.Optimizer, scheduler: Any, module: CharL
                     group["initial_lr"] = want
                 if scheduler is not None and hasattr(scheduler, "base_lrs"):
                     scheduler.base_lrs[i] = want
-                    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+                    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() says
             else:
                 group[key] = type(group[key])(want) if isinstance(group[key], tuple) else want
             if i == 0:
