@@ -76,6 +76,7 @@ def ddp_trainer(strategy: RecordingStrategy, batches: int = 100) -> DDPTrainer:
         validating=False,
         state=SimpleNamespace(fn=TrainerFn.FITTING),
         num_training_batches=batches,
+        loggers=[],
     )
 
 
