@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gruexp.models import MODEL_NAMES, backends, build_model, gru_cpu
+from gruexp.models import MODEL_NAMES, backends, build_model, forward_flops_per_token, gru_cpu
 
 DEFAULT_SHAPES = "32x256,128x512,128x1024"
 # `fused` with one backend forced (docs/fused-backends.md); fused-auto is fused as GRUEXP_FUSED_GPU=auto runs it;
@@ -61,12 +61,6 @@ TARGETS: dict[tuple[str, str, int | None, int | None], dict[str, float]] = {
     ("infer", "cpu", 1, None): {"torch": 1.0},
     ("infer", "cuda", 1, None): {"torch": 1.0},
 }
-
-
-def forward_flops_per_token(vocab_size: int, hidden_size: int) -> int:
-    """Forward FLOPs per token of a 1-layer GRU LM: three gates' products 2*3H*(H+V), output layer 2*H*V."""
-    H, V = hidden_size, vocab_size
-    return 2 * 3 * H * (H + V) + 2 * H * V
 
 
 def train_flops_per_token(vocab_size: int, hidden_size: int) -> int:

@@ -384,15 +384,11 @@ def _read(path: Path) -> dict:
 
 def model_signature(model_cfg: Any, vocab: Sequence[str]) -> dict[str, Any]:
     """What a checkpoint must share with a run to be resumed by it: model name, sizes, layers, form, vocabulary."""
-    name = model_cfg.get("name") if hasattr(model_cfg, "get") else model_cfg["name"]
-    sig = {
-        "model.name": name,
-        "model.hidden_size": model_cfg.get("hidden_size"),
-        "model.num_layers": model_cfg.get("num_layers", 1) or 1,
-        "vocab": [str(t) for t in vocab],
-    }
-    if name != "scratch":
-        sig["model.reset_after"] = model_cfg.get("reset_after", True) is not False
+    from gruexp.models import net_options
+
+    options = net_options(model_cfg)
+    sig = {f"model.{k}": v for k, v in options.items() if k != "dropout"}  # dropout changes no weight
+    sig["vocab"] = [str(t) for t in vocab]
     return sig
 
 
@@ -614,19 +610,11 @@ def check_memory(cfg: DictConfig, vocab_size: int) -> int:
     The parameter count is exact (the model is built on the meta device, which allocates nothing); gradients and the
     optimizer's state follow from it; activations are an estimate of what backward keeps per token.
     """
-    from gruexp.models import build_model
+    from gruexp.models import build_model, net_options
 
     m = cfg.model
-    kwargs = {"reset_after": m.get("reset_after")} if m.name != "scratch" else {}
     with torch.device("meta"):
-        net = build_model(
-            m.name,
-            vocab_size=vocab_size,
-            hidden_size=m.hidden_size,
-            num_layers=m.get("num_layers", 1),
-            dropout=m.get("dropout", 0.0),
-            **kwargs,
-        )
+        net = build_model(vocab_size=vocab_size, **net_options(m))
     params = sum(p.numel() for p in net.parameters())
     target = str(cfg.optimizer.get("_target_", ""))
     states = 2 if "Adam" in target else 1 if (cfg.optimizer.get("momentum") or 0) > 0 else 0

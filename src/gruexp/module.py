@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
 from gruexp.data import Vocab
-from gruexp.models import build_model
+from gruexp.models import build_model, forward_flops_per_token, net_options
 
 log = logging.getLogger(__name__)
 
@@ -216,14 +216,7 @@ class CharLM(L.LightningModule):
         vocab = [str(t) for t in vocab]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)  # train() logs the whole config
         self.vocab = Vocab(idx_to_token=vocab)
-        self.net = build_model(
-            name,
-            vocab_size=len(self.vocab),
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            dropout=dropout,
-            **({} if name == "scratch" else {"reset_after": reset_after}),
-        )
+        self.net = build_model(vocab_size=len(self.vocab), **net_options(self.hparams))
         self.optimizer, self.scheduler = optimizer, scheduler
         self.carry_state = carry_state
         self.state: torch.Tensor | None = None
@@ -250,15 +243,8 @@ class CharLM(L.LightningModule):
 
     @property
     def flops_per_token(self) -> int:
-        """Model FLOPs per training token: forward, then backward at twice the forward.
-
-        Forward: each layer's three gates 2*3H*(in + H), with in = V (the one-hot input) for layer 0 and H above
-        it, and the output layer 2*H*V. The same for all three variants (they compute the same function; fused
-        reads layer 0's product as a table row, which MFU still counts, as it counts the model's math).
-        """
-        H, V, layers = self.hparams.hidden_size, len(self.vocab), self.hparams.num_layers
-        gates = 2 * 3 * H * (V + H) + (layers - 1) * 2 * 3 * H * (H + H)
-        return 3 * (gates + 2 * H * V)
+        """Model FLOPs per training token (gruexp.models.forward_flops_per_token, three times: forward, backward)."""
+        return 3 * forward_flops_per_token(len(self.vocab), self.hparams.hidden_size, self.hparams.num_layers)
 
     @property
     def tokens_per_sec(self) -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from gruexp import UserError
@@ -14,6 +17,8 @@ from gruexp.models.torch_gru import TorchGRU
 __all__ = [
     "MODEL_NAMES",
     "build_model",
+    "net_options",
+    "forward_flops_per_token",
     "choose_backend",
     "ScratchGRU",
     "TorchGRU",
@@ -24,6 +29,33 @@ __all__ = [
 ]
 
 MODEL_NAMES = ("scratch", "torch", "fused")
+
+
+def net_options(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """build_model's arguments (but the vocabulary's size) from a model config, CharLM's hyper-parameters or a
+    checkpoint's: the one mapping from a config to a model, for training, memory estimates and checkpoint checks.
+    `scratch` takes no reset_after (d2l's cell is reset-before); the others' default is nn.GRU's reset-after."""
+    name = hp["name"]
+    options = {
+        "name": name,
+        "hidden_size": hp["hidden_size"],
+        "num_layers": hp.get("num_layers", 1) or 1,
+        "dropout": hp.get("dropout", 0.0) or 0.0,
+    }
+    if name != "scratch":
+        options["reset_after"] = hp.get("reset_after", True) is not False
+    return options
+
+
+def forward_flops_per_token(vocab_size: int, hidden_size: int, num_layers: int = 1) -> int:
+    """Forward FLOPs per token of the GRU language model; a training step costs 3x (backward at twice the forward).
+
+    Each layer's three gates cost 2*3H*(in + H), with in = V (the one-hot input) for layer 0 and H above it; the
+    output layer 2*H*V. The same for all three variants: they compute the same function (fused reads layer 0's
+    product as a table row, which MFU still counts, as it counts the model's math).
+    """
+    H, V = hidden_size, vocab_size
+    return 2 * 3 * H * (V + H) + (num_layers - 1) * 2 * 3 * H * (H + H) + 2 * H * V
 
 
 def _check_positive(option: str, value: object) -> None:
