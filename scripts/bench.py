@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gruexp.models import MODEL_NAMES, backends, build_model, forward_flops_per_token, gru_cpu
+from gruexp.models import MODEL_NAMES, backends, build_model, forward_flops_per_token
 
 DEFAULT_SHAPES = "32x256,128x512,128x1024"
 # `fused` with one backend forced (docs/fused-backends.md); fused-auto is fused as GRUEXP_FUSED_GPU=auto runs it;
 # fused-d2l is fused with d2l's reset-before formula (model.reset_after=false), backend chosen as for fused-auto.
-FUSED_VARIANTS = ("fused-cudnn", "fused-triton", "fused-ops", "fused-auto", "fused-d2l")
-CUDA_VARIANTS = ("scratch", "torch", "fused-cudnn", "fused-triton", "fused-auto", "fused-d2l")  # cuda's default
+FUSED_VARIANTS = ("fused-cudnn", "fused-ops", "fused-auto", "fused-d2l")
+CUDA_VARIANTS = ("scratch", "torch", "fused-cudnn", "fused-auto", "fused-d2l")  # cuda's default
 FRAMEWORK_TARGET = 0.95  # issue 14: fused through Lightning's loop vs its bare step, CPU, 2 threads, B32 H256
 # The framework run logs every LOG_EVERY steps, as gruexp's trainer does; its rate is the median over windows of
 # that many steps, so the logging steps count (a median of single steps would leave them out).
@@ -116,10 +116,8 @@ def make_model(name: str, V: int, H: int):
         return build_model(name, V, H)
     if name == "fused-d2l":
         return build_model("fused", V, H, reset_after=False)
-    net = build_model("fused", V, H)
     backend = name.removeprefix("fused-")
-    net.rnn.backend = None if backend == "auto" else backend
-    return net
+    return build_model("fused", V, H, backend=None if backend == "auto" else backend)
 
 
 def time_calls(fn: Callable[[], object], k: int, device: torch.device) -> list[float]:
@@ -369,7 +367,7 @@ def ratio_row(rows: list[dict], mode: str, batch: int, hidden: int, device_type:
     if "fused" not in rate and "fused-auto" in rate:
         rate["fused"] = rate["fused-auto"]  # fused as users get it on a GPU
     extra = {}
-    for a, b in (("fused-triton", "fused-cudnn"), ("fused-d2l", "scratch")):  # the issue's GPU targets
+    for a, b in (("fused-d2l", "scratch"),):  # the issue's GPU target
         if a in rate and b in rate:
             extra[f"{a}/{b}"] = rate[a] / rate[b]
     if "fused" not in rate:
@@ -391,7 +389,7 @@ def format_report(report: dict) -> str:
     """The table a person reads: one row per (mode, shape, variant), then the ratios against the targets."""
     tf32 = ""
     if "tf32" in report:
-        tf32 = f"; TF32 {'on' if report['tf32'] else 'off'} for every variant (cuBLAS, cuDNN, Triton's tl.dot)"
+        tf32 = f"; TF32 {'on' if report['tf32'] else 'off'} for every variant (cuBLAS, cuDNN)"
     lines = [
         f"device: {report['device']}, torch {report['torch']}; fused's loop: {report['fused_loop']}{tf32}",
         f"fp32 GEMM {report['gemm_size']}^2: {report['gemm_gflops']:.1f} GFLOP/s (median of {report['gemm_samples']});"
@@ -420,11 +418,9 @@ def format_report(report: dict) -> str:
                 cell += f" ({'ok' if q[f'fused/{other}'] >= target else 'below'} {target:g}x)"
             cells.append(cell)
         lines.append(f"{q['mode']:<6}B{q['batch']:<5} H{q['hidden']:<8}{cells[0]:>20}{cells[1]:>22}")
-        for pair in ("fused-triton/fused-cudnn", "fused-d2l/scratch"):
+        for pair in ("fused-d2l/scratch",):
             if pair in q:
                 lines.append(f"{'':<22}{pair} {q[pair]:.2f}x")
-    for key, backend in report.get("fused_auto_decisions", {}).items():
-        lines.append(f"fused-auto chose {backend} for {key}")
     if report.get("framework"):
         lines += [
             "",
@@ -484,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"scratch,torch,fused and {','.join(FUSED_VARIANTS)} (default cpu: scratch,torch,fused;"
         f" cuda: {','.join(CUDA_VARIANTS)})",
     )
-    p.add_argument("--tf32", action="store_true", help="cuda: allow TF32 in cuBLAS, cuDNN and the Triton kernels alike")
+    p.add_argument("--tf32", action="store_true", help="cuda: allow TF32 in cuBLAS and cuDNN alike")
     p.add_argument("--num-steps", type=int, default=35, help="T, time steps per sequence (d2l: 35)")
     p.add_argument("--vocab-size", type=int, default=28, help="V (d2l's character vocabulary: 28)")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per variant and shape (default 30)")
@@ -523,7 +519,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if args.variants is None:
         args.variants = list(CUDA_VARIANTS if device.type == "cuda" else MODEL_NAMES)
-    # one TF32 setting for every variant: torch's matmuls, cuDNN, and the Triton kernels (which follow matmul's)
+    # one TF32 setting for every variant: torch's matmuls and cuDNN
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     V, T, n = args.vocab_size, args.num_steps, args.gemm_size or (4096 if device.type == "cuda" else 1024)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -609,7 +605,7 @@ def run(args: argparse.Namespace) -> dict:
         "gemm_samples": len(gemm_seconds),
         "gemm_gflops": gflops,
         # which implementation of the recurrence `fused` ran: "c" (gru_cpu.c) or "ops" (the torch-op loop)
-        "fused_loop": "c" if device.type == "cpu" and gru_cpu.load() is not None else "ops",
+        "fused_loop": "c" if backends.choose(device, torch.float32, True) == "c" else "ops",
         "results": results,
         "ratios": [q for q in ratios if q],
     }
@@ -619,7 +615,6 @@ def run(args: argparse.Namespace) -> dict:
         report["tf32"] = args.tf32
         report["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
         report["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-        report["fused_auto_decisions"] = {k: d["backend"] for k, d in backends.AUTOTUNER.decisions.items()}
     return report
 
 
@@ -641,8 +636,6 @@ def main(argv: list[str] | None = None) -> None:
     variants = args.variants or []
     if {"fused-auto", "fused-d2l"} & set(variants) and os.environ.get("GRUEXP_FUSED_GPU", "auto") != "auto":
         parser.error("--variants fused-auto/fused-d2l run fused as GRUEXP_FUSED_GPU=auto does: unset GRUEXP_FUSED_GPU")
-    if args.device == "cpu" and "fused-triton" in variants and not backends.triton_interpreted():
-        parser.error("--variants fused-triton on --device cpu runs Triton's interpreter: set TRITON_INTERPRET=1")
     if args.json is not None and args.json.exists():
         parser.error(f"--json {args.json} exists and would be overwritten: pass a new path")
     reports = []

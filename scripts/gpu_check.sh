@@ -172,7 +172,7 @@ def version(name):
 names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 print(f"- device: {torch.cuda.device_count()} x {', '.join(sorted(set(names)))} (torch.cuda.get_device_name)")
 print(f"- torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
-      f"triton {version('triton')}, lightning {version('lightning')}, torchmetrics {version('torchmetrics')}, "
+      f"lightning {version('lightning')}, torchmetrics {version('torchmetrics')}, "
       f"hydra-core {version('hydra-core')}, Python {platform.python_version()}")
 print(f"- bf16 supported: {torch.cuda.is_bf16_supported()}")
 EOF

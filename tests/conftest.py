@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Before torch, lightning or gruexp are imported: triton reads TRITON_INTERPRET at import (and lightning imports
-# triton), and numpy's OpenBLAS sizes its thread pool at load; the interpreter is 10x slower with BLAS threads.
-# Where an NVIDIA driver is loaded, the kernels are compiled for the GPU instead (tests/test_gpu.py).
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Before torch, lightning or gruexp are imported: numpy's OpenBLAS sizes its thread pool at load.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import subprocess

@@ -41,14 +41,13 @@ def inputs(T: int, B: int, H: int, V: int | None, dtype: torch.dtype) -> tuple[T
     return (*leaves, torch.randint(0, V, (T, B)) if V else None)
 
 
-def run(gi, h0, w_hh, b_hh, tokens, use_c: bool, threads: int):
+def run(gi, h0, w_hh, b_hh, tokens, backend: str, threads: int):
     """Values and gradients of a loss weighing every output and the final state differently."""
-    assert not use_c or gru_cpu.load() is not None  # else both runs would be the op loop
     torch.set_num_threads(threads)
     try:
         for leaf in (gi, h0, w_hh, b_hh):
             leaf.grad = None
-        hs, h_T = GRURecurrence.apply(gi, h0, w_hh, b_hh, tokens, True, use_c)
+        hs, h_T = GRURecurrence.apply(gi, h0, w_hh, b_hh, tokens, True, backend)
         g = torch.Generator().manual_seed(1)
         w1 = torch.randn(hs.shape, generator=g, dtype=hs.dtype)
         w2 = torch.randn(h_T.shape, generator=g, dtype=hs.dtype)
@@ -66,7 +65,7 @@ CASES = [(6, 3, 8, None, 1), (7, 5, 8, 11, 1), (5, 48, 40, None, 2), (5, 48, 40,
 @pytest.mark.parametrize("T, B, H, V, threads", CASES)
 def test_c_loop_equals_op_loop_in_values_and_gradients(T, B, H, V, threads):
     args = inputs(T, B, H, V, torch.float32)
-    expected, got = run(*args, use_c=False, threads=threads), run(*args, use_c=True, threads=threads)
+    expected, got = run(*args, "ops", threads), run(*args, "c", threads)
     names = ["hs", "h_T", "d table" if V else "dgi", "dh0", "dW_hh", "db_hh"]
     for name, e, g in zip(names, expected, got, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4, msg=name)
@@ -75,14 +74,14 @@ def test_c_loop_equals_op_loop_in_values_and_gradients(T, B, H, V, threads):
 @pytest.mark.parametrize("T, B, H, V, threads", CASES)
 def test_c_loop_in_float64_agrees_to_rounding(T, B, H, V, threads):
     args = inputs(T, B, H, V, torch.float64)
-    for e, g in zip(run(*args, use_c=False, threads=threads), run(*args, use_c=True, threads=threads), strict=True):
+    for e, g in zip(run(*args, "ops", threads), run(*args, "c", threads), strict=True):
         torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("V", [None, 6])
 def test_c_loop_gradcheck(V):
     gi, h0, w_hh, b_hh, tokens = inputs(4, 3, 5, V, torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: GRURecurrence.apply(*a, tokens, True, True), (gi, h0, w_hh, b_hh))
+    assert torch.autograd.gradcheck(lambda *a: GRURecurrence.apply(*a, tokens, True, "c"), (gi, h0, w_hh, b_hh))
 
 
 @pytest.mark.parametrize("bad", [-1, 28])
@@ -95,7 +94,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_not_read(bad):
 
 def test_thread_count_does_not_change_the_result():
     args = inputs(6, 32, 64, 28, torch.float32)
-    one, two = run(*args, use_c=True, threads=1), run(*args, use_c=True, threads=2)
+    one, two = run(*args, "c", 1), run(*args, "c", 2)
     for a, b in zip(one, two, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
 
@@ -105,8 +104,8 @@ def test_forward_without_saving_equals_forward_for_backward(V):
     gi, h0, w_hh, b_hh, tokens = inputs(5, 4, 24, V, torch.float32)
     lib = gru_cpu.load()
     with torch.no_grad():
-        saved, (G, N) = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save=True, tokens=tokens)
-        bare, kept = gru_cpu.forward(lib, gi, h0, w_hh, b_hh, save=False, tokens=tokens)
+        saved, (G, N) = gru_cpu.kernel_forward(lib, gi, h0, w_hh, b_hh, save=True, tokens=tokens)
+        bare, kept = gru_cpu.kernel_forward(lib, gi, h0, w_hh, b_hh, save=False, tokens=tokens)
     assert kept == () and G.shape == (5, 4, 72) and N.shape == (5, 4, 24)
     torch.testing.assert_close(bare, saved, atol=0, rtol=0)
     torch.testing.assert_close(bare[0], h0.detach(), atol=0, rtol=0)
@@ -122,8 +121,8 @@ CHECK = """
 import logging, torch
 from gruexp.models import gru_cpu, FusedGRU, TorchGRU
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
-print("loaded" if gru_cpu.load() is not None else "fallback")
 ref, net = TorchGRU(11, 8), FusedGRU(11, 8)
+print({"c": "loaded", "ops": "fallback"}[net.rnn.choose()])
 net.load_state_dict(ref.state_dict())
 x = torch.randint(0, 11, (4, 9))
 torch.testing.assert_close(net(x)[0], ref(x)[0], atol=1e-5, rtol=1e-4)
@@ -156,9 +155,8 @@ def test_gruexp_fused_cpu_ops_chooses_the_op_loop_silently(tmp_path):
     assert not (tmp_path / "gruexp" / "kernels").exists()
 
 
-@pytest.mark.parametrize("code", ["gru_cpu.load()", "build_model('fused', 28, 8)"])
-def test_an_unknown_gruexp_fused_cpu_is_refused_naming_the_choices(code):
-    result = python(f"from gruexp.models import build_model, gru_cpu; {code}", {"GRUEXP_FUSED_CPU": "off"})
+def test_an_unknown_gruexp_fused_cpu_is_refused_naming_the_choices():
+    result = python("from gruexp.models import build_model; build_model('fused', 28, 8)", {"GRUEXP_FUSED_CPU": "off"})
     assert result.returncode != 0
-    choices = "'c' (the C loop), 'ops' (the torch-op loop) or 'triton' (Triton's interpreter)"
+    choices = "'c' (the C loop) or 'ops' (the torch-op loop)"
     assert f"GRUEXP_FUSED_CPU must be {choices}, got 'off'" in result.stderr

@@ -100,13 +100,13 @@ def run(net: torch.nn.Module, x: Tensor, h0: Tensor, w_logits: Tensor, w_state: 
     return logits, state, h0.grad
 
 
-@pytest.mark.parametrize("use_c", [True, False], ids=["c-loop", "op-loop"])
+@pytest.mark.parametrize("backend", ["c", "ops", "cudnn"])  # cudnn: torch._VF.gru, which runs on the CPU too
 @pytest.mark.parametrize("L", [1, 2])
 @pytest.mark.parametrize("b, t", [(B, T), (1, 3)])  # more and fewer tokens than V: both ways of gathering
-def test_fused_equals_torch_in_values_and_gradients(L, b, t, use_c):
-    torch_net, fused = TorchGRU(V, H, L), FusedGRU(V, H, L)
+def test_fused_equals_torch_in_values_and_gradients(L, b, t, backend):
+    torch_net, fused = TorchGRU(V, H, L), FusedGRU(V, H, L, backend=backend)
     fused.load_state_dict(torch_net.state_dict(), strict=True)
-    fused.rnn.use_c = use_c
+    assert fused.rnn.choose() == backend
     x, h0 = tokens(b, t), torch.randn(L, b, H)
     w_logits, w_state = torch.randn(b, t, V), torch.randn(L, b, H)
     expected, got = run(torch_net, x, h0, w_logits, w_state), run(fused, x, h0, w_logits, w_state)
@@ -201,13 +201,19 @@ def test_fused_reset_after_differs_from_reset_before():
     assert not torch.allclose(net(x)[0], before(x)[0])
 
 
-@pytest.mark.parametrize("reset_after", [True, False])
-@pytest.mark.parametrize("use_c", [True, False], ids=["c-loop", "op-loop"])  # the C loop runs reset-after only
-def test_recurrence_gradcheck(reset_after, use_c):
+# the C loop computes the reset-after form only
+@pytest.mark.parametrize("backend, reset_after", [("c", True), ("ops", True), ("ops", False)])
+def test_recurrence_gradcheck(backend, reset_after):
     t, b, h = 4, 3, 5
 
     def leaf(*shape: int) -> Tensor:
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
     inputs = (leaf(t, b, 3 * h), leaf(b, h), leaf(3 * h, h), leaf(3 * h))
-    assert torch.autograd.gradcheck(lambda *a: GRURecurrence.apply(*a, None, reset_after, use_c), inputs)
+    assert torch.autograd.gradcheck(lambda *a: GRURecurrence.apply(*a, None, reset_after, backend), inputs)
+
+
+@pytest.mark.parametrize("name", ["scratch", "torch"])
+def test_backend_is_refused_for_models_without_backends(name):
+    with pytest.raises(ValueError, match=re.escape(f"model {name!r} has one implementation: backend='ops'")):
+        build_model(name, vocab_size=V, hidden_size=H, backend="ops")

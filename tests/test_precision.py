@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from gruexp.faults import DivergenceDetector
-from gruexp.models import gru_cpu, gru_recurrence
+from gruexp.models import backends, gru_recurrence
 from gruexp.module import CharLM
 from gruexp.train import train
 
@@ -38,16 +38,9 @@ def datamodule(make_cfg, corpus_path):
 
 
 def fused_loop(monkeypatch, loop: str) -> None:
-    """GRUEXP_FUSED_CPU=loop for this test (gru_cpu.load caches its answer: clear it before and after)."""
+    """GRUEXP_FUSED_CPU=loop for this test: the models it builds run that loop on the CPU in fp32."""
     monkeypatch.setenv("GRUEXP_FUSED_CPU", loop)
-    gru_cpu.load.cache_clear()
-    assert (gru_cpu.load() is None) == (loop == "ops")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_loop_choice():
-    yield
-    gru_cpu.load.cache_clear()
+    assert backends.choose("cpu", torch.float32, True) == loop
 
 
 def fit(dm, name: str, layers: int, precision: str, train_batches: int = 3, val_batches: int | float = 2):

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -19,7 +18,6 @@ from optuna.trial import TrialState
 
 from gruexp import UserError
 from gruexp.data import cache
-from gruexp.models.backends import Autotuner
 from gruexp.module import restore_rng_states, rng_states
 from gruexp.search import check_journal, open_storage
 from gruexp.train import train
@@ -276,29 +274,6 @@ def test_an_unquoted_non_ascii_run_folder_is_told_to_quote_and_the_quoted_one_ru
     r = run_cli("gruexp.train", *TINY, "trainer.max_epochs=1", "logger=csv", f'hydra.run.dir="{folder}"', cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
-
-
-def test_an_autotune_decision_waits_for_the_lock_so_no_job_loses_another_jobs(tmp_path):
-    import fcntl
-
-    cache_file = tmp_path / "fused_autotune.json"
-    Autotuner(cache_file)._write("job-a", {"backend": "ops"})
-    ready = tmp_path / "imported"
-    writer = (
-        "import pathlib, sys; from gruexp.models.backends import Autotuner; pathlib.Path(sys.argv[2]).touch(); "
-        "Autotuner(sys.argv[1])._write('job-b', {'backend': 'cudnn'})"
-    )
-    with open(tmp_path / "fused_autotune.json.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another job is between its read and its write
-        p = subprocess.Popen([sys.executable, "-c", writer, str(cache_file), str(ready)])
-        deadline = time.monotonic() + 60
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with pytest.raises(subprocess.TimeoutExpired):
-            p.wait(timeout=1.5)  # it waits for the lock
-        assert set(json.loads(cache_file.read_text())) == {"job-a"}
-    assert p.wait(timeout=60) == 0
-    assert json.loads(cache_file.read_text()) == {"job-a": {"backend": "ops"}, "job-b": {"backend": "cudnn"}}
 
 
 # --- 6. values Hydra or Lightning reject, a cache that cannot be written --------------------------------------

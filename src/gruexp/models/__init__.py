@@ -8,7 +8,6 @@ from typing import Any
 from torch import nn
 
 from gruexp import UserError
-from gruexp.models import backends
 from gruexp.models.backends import choose_backend
 from gruexp.models.fused import FusedGRU, GRULayers, GRURecurrence, gru_recurrence
 from gruexp.models.scratch import ScratchGRU
@@ -70,10 +69,14 @@ def build_model(
     num_layers: int = 1,
     dropout: float = 0.0,
     reset_after: bool | None = None,
+    backend: str | None = None,
 ) -> nn.Module:
-    """Build model `name`, rejecting options it does not have; reset_after None means the model's own form."""
+    """Build model `name`, rejecting options it does not have; reset_after None means the model's own form.
+    backend forces one of fused's backends (backends.BACKENDS; None: chosen per call)."""
     if name not in MODEL_NAMES:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    if backend is not None and name != "fused":
+        raise UserError(f"model {name!r} has one implementation: backend={backend!r} is for 'fused' only")
     _check_positive("vocab_size", vocab_size)
     _check_positive("hidden_size", hidden_size)
     _check_positive("num_layers", num_layers)
@@ -93,7 +96,5 @@ def build_model(
         if reset_after is False:
             raise UserError("model 'torch' (nn.GRU) is reset-after only: model.reset_after=false needs 'fused'")
         return TorchGRU(vocab_size, hidden_size, num_layers, dropout)
-    # a bad GRUEXP_FUSED_CPU or GRUEXP_FUSED_GPU is refused here, before a run starts, not at the first batch
-    backends.cpu_choice()
-    backends.gpu_choice()
-    return FusedGRU(vocab_size, hidden_size, num_layers, dropout, reset_after is not False)
+    # GRULayers reads GRUEXP_FUSED_CPU and GRUEXP_FUSED_GPU: a bad value is refused here, before a run starts
+    return FusedGRU(vocab_size, hidden_size, num_layers, dropout, reset_after is not False, backend)

@@ -6,8 +6,11 @@ torch cannot fuse TorchScript (no LLVM), torch.compile takes about a minute per 
 torch.utils.cpp_extension build compiles the ATen headers for about a minute on every fresh machine. The kernel
 needs none of that: plain C, compiled in well under a second by the system's C compiler, calling the BLAS torch
 itself links (sgemm_ in libtorch_cpu) through a pointer. Where any of it is missing (no compiler, a torch whose
-library exports no sgemm_) `load()` returns None with one warning, and fused.py keeps its torch-op loop, which
-computes the same function. GRUEXP_FUSED_CPU=ops chooses that loop on purpose.
+library exports no sgemm_) `load()` returns None with one warning, and backends.py chooses the torch-op loop
+(gru_ops.py), which computes the same function. GRUEXP_FUSED_CPU=ops chooses that loop on purpose.
+
+`forward` and `backward` are fused.GRURecurrence's backend, with gru_ops.py's signature; `kernel_forward` and
+`kernel_backward` are the bare calls into the library.
 """
 
 from __future__ import annotations
@@ -73,19 +76,9 @@ def _compile(cc: str, target: Path) -> None:
         os.replace(f"{tmp}/lib.so", target)
 
 
-def loop_choice() -> str:
-    """$GRUEXP_FUSED_CPU: 'c' (the default, the C loop where it can be built), 'ops' (the torch-op loop) or
-    'triton' (the Triton kernels, interpreted); see backends.cpu_choice."""
-    from gruexp.models.backends import cpu_choice
-
-    return cpu_choice()
-
-
 @cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use and cached per machine; None (and one warning) where it cannot be."""
-    if loop_choice() == "ops":
-        return None
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha1("\0".join([SOURCE.read_text(), *CFLAGS, _cpu(), sys.platform]).encode()).hexdigest()
     target = cache_dir() / "kernels" / f"gru_cpu-{key[:16]}.so"
@@ -127,6 +120,51 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def forward(
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, tokens: Tensor | None, reset_after: bool, save: bool
+) -> tuple[Tensor, tuple]:
+    """hs [T, B, H] and, if save, what backward needs; with tokens [T, B], gi is the table [V, 3H] they index.
+
+    Refuses what it cannot compute (no library here, the reset-before form, other devices or dtypes) with a clear
+    error: backends.choose picks the op loop for those, and a backend forced on them should fail, not fall back.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the C loop could not be built on this machine (the warning above says why)")
+    if not reset_after:
+        raise ValueError("the C loop computes the reset-after form only")
+    gi, h0, w_hh, b_hh = (t.contiguous() for t in (gi, h0, w_hh, b_hh))
+    if not supports(gi, h0, w_hh, b_hh):
+        dtypes = ", ".join(f"{t.dtype} on {t.device}" for t in (gi, h0, w_hh, b_hh))
+        raise ValueError(f"the C loop takes all-float32 or all-float64 tensors on the CPU, got {dtypes}")
+    if tokens is not None:
+        tokens = tokens.to(torch.int64).contiguous()
+        check_ids(tokens, gi.shape[0])
+    HS, buffers = kernel_forward(lib, gi, h0, w_hh, b_hh, save, tokens)
+    return HS[1:], ((tokens, w_hh, HS, *buffers) if save else ())
+
+
+def backward(
+    dhs: Tensor, dh_T: Tensor, saved: tuple, reset_after: bool, vocab_size: int, need_dh0: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Gradients of gi (with tokens: of the [vocab_size, 3H] table), h0 (None unless need_dh0), W_hh and b_hh; the
+    C loop computes the first two, and the weight gradients are one GEMM and one sum here."""
+    tokens, w_hh, HS, G, N = saved
+    T, B, H = dhs.shape
+    dgi, dG_h, dh0 = kernel_backward(
+        load(), dhs.contiguous(), dh_T.contiguous(), w_hh, HS, G, N, need_dh0, tokens, vocab_size
+    )
+    dG_h = dG_h.view(T * B, 3 * H)
+    return dgi, dh0, dG_h.t() @ HS[:-1].reshape(T * B, H), dG_h.sum(0)
+
+
+def check_ids(tokens: Tensor, vocab_size: int) -> None:
+    """The C loop reads table rows by id unchecked: refuse what F.embedding refuses."""
+    lo, hi = torch.aminmax(tokens)  # one pass over the ids, not a min() and a max()
+    if not 0 <= int(lo) <= int(hi) < vocab_size:
+        raise IndexError(f"token ids must lie in [0, {vocab_size}): the vocabulary has {vocab_size} tokens")
+
+
+def kernel_forward(
     lib: ctypes.CDLL,
     gi: Tensor,
     h0: Tensor,
@@ -146,11 +184,12 @@ def forward(
     HS[0] = h0
     G, N = (h0.new_empty(T, B, 3 * H), h0.new_empty(T, B, H)) if save else (None, None)
     fn = lib.gru_forward_f32 if h0.dtype == torch.float32 else lib.gru_forward_f64
-    fn(T, B, H, *map(_ptr, (gi, tokens, w_hh, b_hh, HS, G, N)), threads or threads_for(B, H))
+    if T and B:  # an empty batch or sequence: nothing to compute, no call into the library
+        fn(T, B, H, *map(_ptr, (gi, tokens, w_hh, b_hh, HS, G, N)), threads or threads_for(B, H))
     return HS, ((G, N) if save else ())
 
 
-def backward(
+def kernel_backward(
     lib: ctypes.CDLL,
     dhs: Tensor,
     dh_T: Tensor,
@@ -174,5 +213,6 @@ def backward(
     dh0 = dhs.new_empty(B, H) if need_dh0 else None
     fn = lib.gru_backward_f32 if dhs.dtype == torch.float32 else lib.gru_backward_f64
     args = (dhs, dh_T, tokens, w_hh, HS, G, N, dgi, dgh, dh0)
-    fn(T, B, H, *map(_ptr, args), threads or threads_for(B, H))
+    if T and B:
+        fn(T, B, H, *map(_ptr, args), threads or threads_for(B, H))
     return dgi, dgh, dh0
