@@ -1,4 +1,4 @@
-"""Data pipeline benchmark (issue 16) on a generated English-like corpus, 100 MB by default.
+"""Data pipeline benchmark on a generated English-like corpus, 100 MB by default (results: docs/corpora.md).
 
     python scripts/bench_data.py [--mb 100] [--tokenizer chars] [--json out.json]
 

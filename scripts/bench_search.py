@@ -4,7 +4,7 @@ python scripts/bench_search.py [--trials 24] [--epochs 24] [--max-tokens 5000] [
 
 Both sweeps start at once, one thread each (so load on a shared machine hits both alike), from the same sampler
 seed, over hparams_search=optuna's space on the Time Machine; each trial trains `--epochs` epochs of model=torch
-on the first `--max-tokens` characters (validation: the corpus' last 10 %).
+on the first `--max-tokens` characters (validation: the 5 % after the corpus' first 90 %, data's default).
 Prints a markdown table (wall time, best val/ppl, trials pruned, epochs trained) and writes bench_search.json.
 The ratios are the measurement; absolute times depend on the machine's load (`uptime`). Wall time of sweeps run side
 by side is skewed on a busy box (the one still running gets more of the CPU once the other ends); each sweep's own

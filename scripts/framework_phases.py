@@ -4,27 +4,21 @@ phase against the bare step, one bare step after each Lightning step in one proc
 
     python scripts/framework_phases.py [--variant fused] [--shape 32x256] [--steps 300] [--threads 2]
 
-`bench.py --framework` says how much the framework costs; this says where. The Lightning step is cut where its
-hooks run (the last callback and CharLM's own hooks mark the time), the bare step (bench.py's TrainStep) where its
+`bench_framework.py` says how much the framework costs; this says where. The Lightning step is cut where its
+hooks run (the last callback and CharLM's own hooks mark the time), the bare step (benchlib's TrainStep) where its
 code does the same work; each phase's figure is its median over the steps, so the rows need not add up exactly.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import logging
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-_spec = importlib.util.spec_from_file_location("bench", Path(__file__).with_name("bench.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from benchlib import TrainStep, fit_through_lightning, one_shape_parser, parse_one_shape, quiet_lightning
 
 # (phase, its first and last mark in a Lightning step, the bare step's phase doing that work or None)
 PHASES = (
@@ -48,7 +42,7 @@ def phases(name: str, B: int, H: int, steps: int, warmup: int, seed: int) -> tup
     marks: dict[str, float] = {}
     framework: dict[str, list[float]] = {p[0]: [] for p in PHASES}
     bare_s: dict[str, list[float]] = {"forward": [], "zero_grad": [], "backward": [], "step": []}
-    bare = bench.TrainStep(name, V, B, T, H, torch.device("cpu"), seed)
+    bare = TrainStep(name, V, B, T, H, torch.device("cpu"), seed)
     done = 0
 
     def bare_step() -> None:
@@ -103,19 +97,16 @@ def phases(name: str, B: int, H: int, steps: int, warmup: int, seed: int) -> tup
     model = Marked(name, H, [f"c{i}" for i in range(V)], optimizer=functools.partial(torch.optim.SGD, lr=1.0))
     g = torch.Generator().manual_seed(seed + 1)
     batches = [(torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)) for _ in range(steps)]
-    bench.fit_through_lightning(model, batches, Marks(), torch.device("cpu"))
+    fit_through_lightning(model, batches, Marks(), torch.device("cpu"))
     return framework, bare_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = bench.one_shape_parser(__doc__.split("\n\n")[0], 300, "timed steps of each, after 30 untimed (default 300)")
-    args = bench.parse_one_shape(p, argv)
+    p = one_shape_parser(__doc__.split("\n\n")[0], 300, "timed steps of each, after 30 untimed (default 300)")
+    args = parse_one_shape(p, argv)
     torch.set_num_threads(args.threads)
     (B, H), warmup = args.shape[0], 30
-    import lightning  # noqa: F401  (it sets its loggers' levels on import: set them after)
-
-    for name in ("lightning.pytorch", "lightning.fabric"):  # its banner lines
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_lightning()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals
         framework, bare = phases(args.variant, B, H, args.steps + warmup + 1, warmup, seed=0)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU acceptance run in one command (issue 14.6):
+# The GPU acceptance run in one command:
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # default outputs/gpu_check/
 #
 # 1. the GPU tests (pytest -m gpu)
 # 2. a 1-GPU strategy=ddp run (NCCL process group)
 # 3. bf16-mixed runs of scratch, torch and fused (short)
-# 4. scripts/bench.py --device cuda, and --framework at B32 H256 (through Lightning vs the bare step)
+# 4. scripts/bench.py --device cuda, and scripts/bench_framework.py at B32 H256 (through Lightning vs the bare step)
 # 5. a 2-job hydra/launcher=local sweep on the GPU(s), each job on its own GPU when there are 2 or more
 #
 # Writes OUT_DIR/gpu_check_<UTC date-time>.md (device, versions, each step's status and key numbers) and the
@@ -139,14 +139,14 @@ else
   record "bench.py --device cuda" FAIL "exit $rc" "$WORK/bench.log"
 fi
 
-# 4b. the training step through Lightning's loop against the bare step, and Lightning's floor (issue 14.3)
-"$PY" scripts/bench.py --device cuda --framework --shapes 32x256 --variants fused,torch --infer-tokens 0 \
+# 4b. the training step through Lightning's loop against the bare step, and Lightning's floor
+"$PY" scripts/bench_framework.py --device cuda --shapes 32x256 --variants fused,torch \
   --json "$WORK/bench-framework.json" >"$WORK/bench-framework.log" 2>&1
 rc=$?
 if [ $rc -eq 0 ] && nums=$("$PY" scripts/gpu_check_numbers.py framework "$WORK/bench-framework.json"); then
-  record "bench.py --device cuda --framework" pass "$nums" "$WORK/bench-framework.log"
+  record "bench_framework.py --device cuda" pass "$nums" "$WORK/bench-framework.log"
 else
-  record "bench.py --device cuda --framework" FAIL "exit $rc" "$WORK/bench-framework.log"
+  record "bench_framework.py --device cuda" FAIL "exit $rc" "$WORK/bench-framework.log"
 fi
 
 # 5. two jobs side by side under hydra/launcher=local: each its own GPU when the machine has 2 or more

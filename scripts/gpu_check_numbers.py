@@ -3,7 +3,7 @@
 
     python scripts/gpu_check_numbers.py run RUN_DIR          # a training run: status, val/ppl, tokens/sec
     python scripts/gpu_check_numbers.py bench BENCH_JSON     # bench.py --json: training tokens/sec, smallest shape
-    python scripts/gpu_check_numbers.py framework BENCH_JSON # bench.py --framework --json: the ratios through Lightning
+    python scripts/gpu_check_numbers.py framework JSON       # bench_framework.py --json: the ratios through Lightning
 
 Here and not in the shell script, so that a CPU machine tests them on files made the same way (the GPU steps
 themselves only run where there is a GPU).
@@ -46,7 +46,7 @@ def framework_line(report: dict) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("run", "bench", "framework"):
-        print("usage: gpu_check_numbers.py run RUN_DIR | bench BENCH_JSON | framework BENCH_JSON", file=sys.stderr)
+        print("usage: gpu_check_numbers.py run RUN_DIR | bench BENCH_JSON | framework FRAMEWORK_JSON", file=sys.stderr)
         return 2
     kind, path = argv[0], Path(argv[1])
     if kind == "run":

@@ -3,31 +3,26 @@
 
     python scripts/profile_step.py [--variant fused] [--shape 32x256] [--steps 20] [--threads 2] [--rows 15]
 
-The step is scripts/bench.py's TrainStep (forward, cross-entropy, backward, clipping, SGD). The table lists
-operators by self CPU time per step. fused's C loop is one call that the profiler cannot see into: its time is the
-self time of GRURecurrence (forward) and GRURecurrenceBackward. The harness measures speed; this says why.
+The step is benchlib's TrainStep, the one bench.py times (forward, cross-entropy, backward, clipping, SGD). The
+table lists operators by self CPU time per step. fused's C loop is one call that the profiler cannot see into: its
+time is the self time of GRURecurrence (forward) and GRURecurrenceBackward. The harness measures speed; this says
+why.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from benchlib import TrainStep, one_shape_parser, parse_one_shape
 from torch.profiler import ProfilerActivity, profile
-
-_spec = importlib.util.spec_from_file_location("bench", Path(__file__).with_name("bench.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = bench.one_shape_parser(__doc__.split("\n\n")[0], 20, "profiled steps, after 5 untimed ones (default 20)")
+    p = one_shape_parser(__doc__.split("\n\n")[0], 20, "profiled steps, after 5 untimed ones (default 20)")
     p.add_argument("--rows", type=int, default=15, help="operators to list (default 15)")
-    args = bench.parse_one_shape(p, argv)
+    args = parse_one_shape(p, argv)
     (B, H), T = args.shape[0], 35
     torch.set_num_threads(args.threads)
-    step = bench.TrainStep(args.variant, 28, B, T, H, torch.device("cpu"), seed=0)
+    step = TrainStep(args.variant, 28, B, T, H, torch.device("cpu"), seed=0)
     for _ in range(5):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from gruexp.models import MODEL_NAMES
+import benchlib
+
+from gruexp.models import MODEL_NAMES, forward_flops_per_token
 from gruexp.module import CharLM
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "scripts" / "bench.py"
 TINY_BENCH = [
     "--shapes", "4x16,8x24",
     "--steps", "3", "--warmup", "1", "--round", "2",
@@ -23,10 +24,10 @@ TINY_BENCH = [
 ]  # fmt: skip
 
 
-def run_bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """python scripts/bench.py args, as a user runs it."""
+def run_bench(*args: str, env: dict[str, str] | None = None, script: str = "bench.py") -> subprocess.CompletedProcess:
+    """python scripts/bench.py args (or another `script` of scripts/), as a user runs it."""
     return subprocess.run(
-        [sys.executable, str(BENCH), *args],
+        [sys.executable, str(ROOT / "scripts" / script), *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         capture_output=True,
@@ -96,15 +97,32 @@ def test_bench_refuses_to_overwrite_json_and_bad_shapes(tmp_path):
 
 
 def test_flops_per_token_matches_charlm():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     vocab = [f"c{i}" for i in range(28)]
     for H in (16, 256, 1024):
         model = CharLM("torch", hidden_size=H, vocab=vocab)
-        assert bench.train_flops_per_token(28, H) == model.flops_per_token
+        assert benchlib.train_flops_per_token(28, H) == model.flops_per_token
     # the issue's formula at the d2l shape: forward 2*3H*(H+V) + 2*H*V, training three times that
-    assert bench.forward_flops_per_token(28, 256) == 2 * 3 * 256 * 284 + 2 * 256 * 28
+    assert forward_flops_per_token(28, 256) == 2 * 3 * 256 * 284 + 2 * 256 * 28
+
+
+def test_repeat_reports_each_ratio_and_its_spread(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [*TINY_BENCH, "--shapes", "4x16", "--variants", "scratch,torch,fused", "--infer-tokens", "0"]
+    proc = run_bench(*args, "--repeat", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["repeat"] == 2 and len(report["runs"]) == 2
+    assert sorted(report["summary"]) == ["train B4 H16 fused/scratch", "train B4 H16 fused/torch"]
+    ratios = [run["ratios"][0]["fused/scratch"] for run in report["runs"]]
+    s = report["summary"]["train B4 H16 fused/scratch"]
+    assert s["runs"] == ratios and s["median"] == statistics.median(ratios)
+    assert (s["min"], s["max"]) == (min(ratios), max(ratios))
+    assert "over 2 runs: median (min-max)" in proc.stdout and "through Lightning" not in proc.stdout
+
+
+def test_repeat_must_be_positive():
+    proc = run_bench("--repeat", "0")
+    assert proc.returncode == 2 and "--repeat must be positive, got 0" in proc.stderr
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:

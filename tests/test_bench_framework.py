@@ -1,15 +1,16 @@
-"""scripts/bench.py --framework (CharLM through Lightning's loop vs the bare step) and --repeat (no timings)."""
+"""scripts/bench_framework.py (CharLM through Lightning's loop vs the bare step) and its --repeat (no timings)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 
+import bench_framework
+import benchlib
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from test_bench import BENCH, TINY_BENCH, run_bench
+from test_bench import run_bench
 
 from gruexp.module import CharLM
 
@@ -18,20 +19,17 @@ from gruexp.module import CharLM
 def test_charlm_the_floor_and_the_bare_step_do_the_same_work(name):
     """framework/bare and floor/bare compare like with like: from the same weights and batches, two steps of CharLM
     and of the floor module through Trainer.fit leave the weights two bare steps leave (carried state, clip, SGD)."""
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     V, B, T, H, seed = 28, 4, 35, 16, 3
-    bare = bench.TrainStep(name, V, B, T, H, torch.device("cpu"), seed)
+    bare = benchlib.TrainStep(name, V, B, T, H, torch.device("cpu"), seed)
     batches = [(bare.X, bare.Y), (bare.X, bare.Y)]
     for _ in batches:
         bare()
     torch.manual_seed(seed)
-    floor = bench.floor_module(bench.make_model(name, V, H))
-    bench.fit_through_lightning(floor, batches, Callback(), torch.device("cpu"), max_steps=2, floor=True)
+    floor = bench_framework.floor_module(benchlib.make_net(name, V, H, torch.device("cpu")))
+    benchlib.fit_through_lightning(floor, batches, Callback(), torch.device("cpu"), max_steps=2, floor=True)
     torch.manual_seed(seed)
     charlm = CharLM(name, H, [f"c{i}" for i in range(V)], sample_chars=0)  # SGD at lr 1, as bench's
-    bench.fit_through_lightning(charlm, batches, Callback(), torch.device("cpu"), max_steps=2)
+    benchlib.fit_through_lightning(charlm, batches, Callback(), torch.device("cpu"), max_steps=2)
     want = bare.net.state_dict()
     for model in (floor, charlm):
         got = model.net.state_dict()
@@ -42,8 +40,8 @@ def test_charlm_the_floor_and_the_bare_step_do_the_same_work(name):
 
 def test_framework_and_repeat_report_each_ratio_and_its_spread(tmp_path):
     out = tmp_path / "bench.json"
-    args = [*TINY_BENCH, "--shapes", "4x16", "--variants", "scratch,fused,fused-ops", "--infer-tokens", "0"]
-    proc = run_bench(*args, "--framework", "--framework-steps", "20", "--repeat", "2", "--json", str(out))
+    args = ["--shapes", "4x16", "--variants", "scratch,fused,fused-ops", "--warmup", "1", "--threads", "1"]
+    proc = run_bench(*args, "--steps", "20", "--repeat", "2", "--json", str(out), script="bench_framework.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["repeat"] == 2 and len(report["runs"]) == 2
@@ -55,12 +53,11 @@ def test_framework_and_repeat_report_each_ratio_and_its_spread(tmp_path):
             assert r["framework/bare"] == r["framework_tokens_per_sec"] / r["bare_tokens_per_sec"]
             assert r["floor/bare"] > 0 and r["framework/floor"] == r["framework/bare"] / r["floor/bare"]
     summary = report["summary"]
-    ratios = [run["ratios"][0]["fused/scratch"] for run in report["runs"]]
-    s = summary["train B4 H16 fused/scratch"]
-    assert s["runs"] == ratios and s["median"] == statistics.median(ratios)
-    assert (s["min"], s["max"]) == (min(ratios), max(ratios))
+    assert len(summary) == 9  # three ratios of three variants
     fw = summary["framework fused B4 H16 /bare"]
-    assert fw["runs"] == [run["framework"][1]["framework/bare"] for run in report["runs"]]
+    ratios = [run["framework"][1]["framework/bare"] for run in report["runs"]]
+    assert fw["runs"] == ratios and fw["median"] == statistics.median(ratios)
+    assert (fw["min"], fw["max"]) == (min(ratios), max(ratios))
     own = summary["framework fused B4 H16 /floor"]
     assert own["runs"] == [run["framework"][1]["framework/floor"] for run in report["runs"]]
     lightning_own = summary["floor scratch B4 H16 /bare"]
@@ -70,11 +67,6 @@ def test_framework_and_repeat_report_each_ratio_and_its_spread(tmp_path):
     assert "GPU available" not in proc.stdout + proc.stderr  # Lightning's banner is kept out of the table
 
 
-def test_framework_steps_must_fill_whole_logging_windows():
-    proc = run_bench("--framework", "--framework-steps", "25")
-    assert proc.returncode == 2 and "--framework-steps must be a positive multiple of 10, got 25" in proc.stderr
-
-
-def test_repeat_must_be_positive():
-    proc = run_bench("--repeat", "0")
-    assert proc.returncode == 2 and "--repeat must be positive, got 0" in proc.stderr
+def test_steps_must_fill_whole_logging_windows():
+    proc = run_bench("--steps", "25", script="bench_framework.py")
+    assert proc.returncode == 2 and "--steps must be a positive multiple of 10, got 25" in proc.stderr

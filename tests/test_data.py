@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gruexp import UserError, data
-from gruexp.data import CORPORA, StreamSampler, TimeMachineDataModule, Vocab, corpora, load_corpus
+from gruexp.data import CORPORA, CharDataModule, StreamSampler, Vocab, corpora, load_corpus
 from gruexp.data.datamodule import PAD, HeldOut
 
 
@@ -60,12 +60,12 @@ def test_bad_corpus_is_refused(tmp_path, content, message):
     p = tmp_path / "bad.txt"
     p.write_bytes(content)
     with pytest.raises(UserError, match=message):
-        TimeMachineDataModule(path=str(p))
+        CharDataModule(path=str(p))
 
 
 def test_missing_path_names_the_fix(tmp_path):
     with pytest.raises(UserError, match="is not a file"):
-        TimeMachineDataModule(path=str(tmp_path / "nope.txt"))
+        CharDataModule(path=str(tmp_path / "nope.txt"))
 
 
 def test_sha1_mismatch_is_refused(tmp_path, monkeypatch):
@@ -84,7 +84,7 @@ def test_offline_without_file_says_where_to_put_it(tmp_path, monkeypatch):
         UserError,
         match=f"no timemachine.txt and no network: download http://127.0.0.1:9/tm.txt and put it in {tmp_path}/d/",
     ):
-        TimeMachineDataModule()
+        CharDataModule()
 
 
 def test_download_verifies_and_caches(tmp_path, monkeypatch, corpus_path):
@@ -175,7 +175,7 @@ def test_random_partition_is_a_shuffle_of_disjoint_windows():
 
 def test_datamodule_splits_head_and_tail(corpus_path):
     """d2l_classic still trains on the first 10,000 tokens; the old 10 % tail is now validation, then test."""
-    dm = TimeMachineDataModule(max_tokens=10000)
+    dm = CharDataModule(max_tokens=10000)
     assert dm.split_len("train") == 10000 and np.array_equal(dm.split("train"), dm.ids[:10000])
     assert np.array_equal(dm.split("val"), dm.ids[-17058:-8529])
     assert np.array_equal(dm.split("test"), dm.ids[-8529:])
@@ -189,7 +189,7 @@ def test_datamodule_splits_head_and_tail(corpus_path):
 
 
 def test_val_tokens_caps_validation_only(corpus_path):
-    dm = TimeMachineDataModule(val_tokens=2000, batch_size=4, num_steps=10)
+    dm = CharDataModule(val_tokens=2000, batch_size=4, num_steps=10)
     assert dm.split_len("val") == 2000 and dm.split_len("test") == 8529
     # ceil(ceil(1999 / 4) / 10) and ceil(ceil(8528 / 4) / 10): rows of the whole split, the last batch narrower
     assert len(dm.val_dataloader()) == 50 and len(dm.test_dataloader()) == 214
@@ -228,7 +228,7 @@ def test_a_90m_token_stream_is_never_a_list(partition):
 )
 def test_datamodule_bad_options(corpus_path, kwargs, message):
     with pytest.raises(UserError, match=message):
-        TimeMachineDataModule(**kwargs).train_dataloader()
+        CharDataModule(**kwargs).train_dataloader()
 
 
 def test_seeded_offsets_repeat():
@@ -267,6 +267,6 @@ def test_a_held_out_split_scores_every_token_after_its_first_once(n, rows, world
 
 
 def test_evaluate_and_the_end_of_run_test_read_the_whole_split(corpus_path):
-    dm = TimeMachineDataModule()
+    dm = CharDataModule()
     held_out = dm.test_dataloader().dataset
     assert held_out.targets == dm.split_len("test") - 1 == 8528

@@ -48,15 +48,13 @@ NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     # a resumed run writes into its own new folder by design: its checkpoints' dirpath always differs
     (UserWarning, r"The dirpath has changed from "),
     # data_connector.py, on machines with more than 2 cores: gruexp's loaders gather a batch with one slice of a
-    # memory-mapped file in the main process (scripts/bench_data.py: 0.06 % of a step); workers would only add their
-    # start-up to every epoch. Lightning's own docs (advanced/warnings.rst) filter it this way.
+    # memory-mapped file in the main process (a small share of a step: docs/corpora.md, scripts/bench_data.py); workers
+    # would only add their start-up to every epoch. Lightning's own docs (advanced/warnings.rst) filter it this way.
     (Warning, r"The '\w+' does not have many workers which may be a bottleneck"),
     # fit_loop.py, in every short trial: gruexp logs each epoch's figures at its end whatever log_every_n_steps is
     (Warning, r"The number of training batches \(\d+\) is smaller than the logging interval"),
     # configuration_validator.py: a run with data.val_fraction=0 has no validation split by the user's choice
     (Warning, r"You defined a `validation_step` but have no `val_dataloader`\. Skipping val loop\."),
-    # train/tokens_per_sec is already summed over ranks (a synced SumMetric): sync_dist would add the ranks again
-    (Warning, r"It is recommended to use `self\.log\('train/tokens_per_sec', \.\.\., sync_dist=True\)`"),
 )
 
 

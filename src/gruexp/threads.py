@@ -1,7 +1,7 @@
 """CPU threads per process when several processes share one machine: sweep jobs side by side, DDP ranks on CPU.
 
 torch starts one intra-op thread per core in every process: k processes on c cores then run k*c threads, and
-OpenMP's spin-waits make them many times slower than k processes of c//k threads each (15x on 2 cores, issue 12).
+OpenMP's spin-waits make them many times slower than k processes of c//k threads each (docs/multi-gpu.md).
 Kept free of torch imports: the Hydra launcher plugin uses it in the sweep's parent process.
 """
 

@@ -405,6 +405,3 @@ class CharDataModule(L.LightningDataModule):
         sizes = " / ".join(f"{name} {self.split_len(name):,}" for name in SPLITS)
         src = self.path or self.corpus_name
         return f"{src}: {len(self.ids):,} tokens, vocabulary {len(self.vocab)}; {sizes}"
-
-
-TimeMachineDataModule = CharDataModule  # the old name, kept for configs and code written against it
