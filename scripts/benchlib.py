@@ -162,7 +162,7 @@ def fit_through_lightning(
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from gruexp.faults import DivergenceDetector, InterruptCheckpoint
+    from gruexp.guards import DivergenceDetector, InterruptCheckpoint
 
     previous = signal.getsignal(signal.SIGTERM)  # Lightning leaves its SIGTERM handler behind after fit
     with tempfile.TemporaryDirectory() as tmp:

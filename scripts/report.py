@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 import sys
@@ -29,6 +28,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from gruexp import UserError  # noqa: E402
+from gruexp.sweeps import read_jobs  # noqa: E402
 from gruexp.tracking import plot_ppl_curves, wandb_mode  # noqa: E402
 
 log = logging.getLogger("gruexp.report")
@@ -44,12 +44,12 @@ def _num(v: Any) -> float:
         return math.nan
 
 
-def read_job(folder: Path) -> dict[str, Any]:
-    """One job's row: its summary.json, or its Hydra config when it died before writing one, plus its history."""
-    summary_path, config_path = folder / "summary.json", folder / ".hydra" / "config.yaml"
-    if summary_path.is_file():
-        s = json.loads(summary_path.read_text())
-        job = {
+def read_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One job's row (a job of sweeps.read_jobs): its summary.json, or its Hydra config when it died before writing
+    one, plus its history."""
+    folder, s = job["folder"], job["summary"]
+    if s is not None:
+        row = {
             "model": s.get("model"),
             "hidden": s.get("hidden_size"),
             "lr": s.get("lr"),
@@ -61,8 +61,9 @@ def read_job(folder: Path) -> dict[str, Any]:
             "status": s.get("status", "completed"),
         }
     else:  # the job raised (or was killed) before train() could write its summary
-        c = OmegaConf.load(config_path)
-        job = {
+        config = folder / ".hydra" / "config.yaml"
+        c = OmegaConf.load(config) if config.is_file() else OmegaConf.create()
+        row = {
             "model": OmegaConf.select(c, "model.name"),
             "hidden": OmegaConf.select(c, "model.hidden_size"),
             "lr": OmegaConf.select(c, "optimizer.lr"),
@@ -71,11 +72,11 @@ def read_job(folder: Path) -> dict[str, Any]:
             "epochs": None,
             "status": "failed",
         }
-    if job["status"] == "completed" and not math.isfinite(job["val/ppl"]):
-        job["status"] = "diverged"
-    job["job"] = folder.name
-    job["history"] = read_history(folder / "csv" / "metrics.csv")
-    return job
+    if row["status"] == "completed" and not math.isfinite(row["val/ppl"]):
+        row["status"] = "diverged"
+    row["job"] = job["job"]
+    row["history"] = read_history(folder / "csv" / "metrics.csv")
+    return row
 
 
 def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -95,13 +96,10 @@ def find_jobs(sweep: Path) -> list[dict[str, Any]]:
     """Every job folder of a sweep (a child holding summary.json or .hydra/config.yaml), in job-number order."""
     if not sweep.is_dir():
         raise UserError(f"{sweep} is not a folder: pass a sweep folder such as outputs/train/multirun/<date>")
-    folders = [d for d in sweep.iterdir() if (d / "summary.json").is_file() or (d / ".hydra" / "config.yaml").is_file()]
-    if not folders:
-        raise UserError(
-            f"{sweep} holds no job folders (none has summary.json or .hydra/config.yaml): is it a sweep?"
-        ) from None
-    folders.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
-    return [read_job(d) for d in folders]
+    jobs = read_jobs(sweep)
+    if not jobs:
+        raise UserError(f"{sweep} holds no job folders (none has summary.json or .hydra/config.yaml): is it a sweep?")
+    return [read_job(j) for j in jobs]
 
 
 def ranked(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Collectives and host syncs of the divergence/interrupt checks (gruexp.faults.StepChecks) and of CharLM.
+"""Collectives and host syncs of the divergence/interrupt checks (gruexp.guards.StepChecks) and of CharLM.
 
 NCCL cannot run here, so the DDP path is driven with the module on the `meta` device and a recording strategy
 that stands in for DDP over NCCL: it asserts that every tensor handed to a collective lives on the module's device
@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loops.progress import _BatchProgress
 from lightning.pytorch.trainer.states import TrainerFn
 
-from gruexp.faults import Diverged, DivergenceDetector, InterruptCheckpoint, Interrupted, StepChecks
+from gruexp.guards import Diverged, DivergenceDetector, InterruptCheckpoint, Interrupted, StepChecks
 from gruexp.module import CharLM
 from gruexp.train import train
 

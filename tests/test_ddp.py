@@ -67,7 +67,7 @@ def test_two_processes_train_like_one_and_rank_zero_writes(tmp_path, make_cfg, c
     assert len(runs) == 1  # no second folder for rank 1
     job = runs[0]
     assert {p.name for p in job.iterdir()} == {
-        ".gruexp_run",  # the run's claim on its folder (checks.claim_run_dir)
+        ".gruexp_run",  # the run's claim on its folder (preflight.claim_run_dir)
         ".hydra",
         "checkpoints",
         "csv",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from gruexp.faults import DivergenceDetector
+from gruexp.guards import DivergenceDetector
 from gruexp.models import backends, gru_recurrence
 from gruexp.module import CharLM
 from gruexp.train import train

@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, TINY, run_cli
 from hydra.core.global_hydra import GlobalHydra
 
-from gruexp.faults import AtomicCheckpointIO, resolve_ckpt_path
+from gruexp.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from gruexp.train import train
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -209,7 +209,7 @@ def test_corpus_with_wrong_sha1_is_one_line(capfd, tmp_path, monkeypatch):
 def test_unknown_group_option_lists_the_choices(tmp_path, group):
     r = run_cli("gruexp.train", f"{group}=nope", f"hydra.run.dir={tmp_path / 'r'}") if group == "model" else None
     if r is None:  # the check runs before Hydra: call it directly for the other groups
-        from gruexp.faults import check_choices
+        from gruexp.preflight import check_choices
 
         with pytest.raises(SystemExit) as e:
             check_choices([f"{group}=nope"], ROOT / "conf")

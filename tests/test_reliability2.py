@@ -22,7 +22,7 @@ from conftest import ROOT, TINY, run_cli
 from test_reliability import assert_one_line_error, run_main
 
 from gruexp import UserError
-from gruexp.faults import AtomicCheckpointIO
+from gruexp.checkpoints import AtomicCheckpointIO
 from gruexp.train import train
 
 ONE_EPOCH = [*TINY, "trainer.max_epochs=1", "logger=csv"]
@@ -318,7 +318,7 @@ def test_mistyped_key_names_the_closest_real_key(tmp_path):
 
 
 def test_mistyped_key_in_generate_and_a_target_argument_the_yaml_lacks(capsys):
-    from gruexp.checks import check_overrides  # what gruexp.generate and gruexp.train run before Hydra
+    from gruexp.preflight import check_overrides  # what gruexp.generate and gruexp.train run before Hydra
 
     for config, args, message in (
         ("generate", ["ckpt_path=last", "num_char=5"], "num_char is not a key of this config: did you mean num_chars?"),
@@ -400,7 +400,7 @@ def test_kill_mid_save_keeps_the_previous_checkpoint_whole_and_leaves_no_tempora
     AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, tmp_path / "last.ckpt")  # the epoch before
     script = f"""
 import pathlib, time, torch
-from gruexp.faults import AtomicCheckpointIO
+from gruexp.checkpoints import AtomicCheckpointIO
 
 class Slow:  # pickled after the tensor bytes began to be written: the save is under way when the kill comes
     def __reduce__(self):

@@ -198,7 +198,7 @@ def test_local_launcher_runs_a_batch_of_trials_side_by_side(tmp_path, corpus_pat
 
 @pytest.mark.slow
 def test_failing_trial_is_failed_and_the_search_goes_on(tmp_path, corpus_path):
-    # a negative learning rate is bad input (gruexp.checks refuses it in one line): a failed trial
+    # a negative learning rate is bad input (gruexp.preflight refuses it in one line): a failed trial
     r = run_cli(
         "gruexp.train",
         *SEARCH,

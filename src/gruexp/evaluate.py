@@ -20,9 +20,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from gruexp import UserError, checks, faults
+from gruexp import UserError
+from gruexp.checkpoints import resolve_ckpt_path, vocab_difference
 from gruexp.data import CharDataModule
+from gruexp.errors import user_error
 from gruexp.generate import load
+from gruexp.preflight import check_overrides
 
 log = logging.getLogger("gruexp.evaluate")
 
@@ -46,7 +49,7 @@ def evaluate(ckpt_path: str | Path, split: str = "test", device: str = "cpu", **
     """{"ppl", "bpc", "loss", "tokens"} of the checkpoint (a file, a run folder or `last`) on the whole `split`."""
     if split not in SPLITS:
         raise UserError(f"split={split} is unknown: choose one of {', '.join(SPLITS)}")
-    ckpt_path = checks.resolve_ckpt_path(str(ckpt_path))  # data_options reads the file itself
+    ckpt_path = resolve_ckpt_path(str(ckpt_path))  # data_options reads the file itself
     model = load(ckpt_path, device)
     options = data_options(ckpt_path, data)
     options.update(max_tokens=None, val_tokens=None)  # the whole split
@@ -55,7 +58,7 @@ def evaluate(ckpt_path: str | Path, split: str = "test", device: str = "cpu", **
         a, b = model.vocab.idx_to_token, dm.vocab.idx_to_token
         raise UserError(
             f"{ckpt_path} was trained on a vocabulary of {len(a)} tokens that is not this corpus's ({len(b)} tokens, "
-            f"{dm.describe().split(':')[0]}; {checks.vocab_difference(a, b)}): evaluate it on the corpus and "
+            f"{dm.describe().split(':')[0]}; {vocab_difference(a, b)}): evaluate it on the corpus and "
             "data.tokenizer it was trained with"
         )
     loader = dm.eval_dataloader(split)
@@ -80,11 +83,11 @@ def main(cfg: DictConfig) -> None:
     """Print `<split>: ppl … | bpc … | loss … nats | N tokens | <checkpoint>`; bad input: one line, exit 2."""
     try:
         # `last` searches the sibling folders of a run's own folder: a name inside runs_dir makes them its runs
-        ckpt = checks.resolve_ckpt_path(str(cfg.ckpt_path), Path(cfg.runs_dir) / "evaluate" if cfg.runs_dir else None)
+        ckpt = resolve_ckpt_path(str(cfg.ckpt_path), Path(cfg.runs_dir) / "evaluate" if cfg.runs_dir else None)
         data = {k: v for k, v in cfg.data.items() if v is not None}
         r = evaluate(ckpt, str(cfg.split), str(cfg.device), **data)
     except Exception as e:
-        user = faults.user_error(e)
+        user = user_error(e)
         if user is None:
             raise
         log.error("%s", user)
@@ -96,5 +99,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    checks.check_overrides(sys.argv[1:], Path(__file__).resolve().parents[2] / "conf", "evaluate")
+    check_overrides(sys.argv[1:], Path(__file__).resolve().parents[2] / "conf", "evaluate")
     main()

@@ -13,8 +13,9 @@ import torch
 from omegaconf import DictConfig
 
 from gruexp import UserError
-from gruexp.checks import check_checkpoint, check_generate_config, check_overrides, resolve_ckpt_path
+from gruexp.checkpoints import check_checkpoint, resolve_ckpt_path
 from gruexp.module import CharLM
+from gruexp.preflight import check_generate_config, check_overrides
 
 log = logging.getLogger("gruexp.generate")
 
@@ -22,7 +23,7 @@ log = logging.getLogger("gruexp.generate")
 def load(ckpt_path: str | Path, device: str = "cpu") -> CharLM:
     """Load a CharLM checkpoint of any variant: `last`, a run folder or a file (the resolver train uses).
 
-    A missing, damaged or foreign file is one UserError line (gruexp.checks.check_checkpoint), never a traceback.
+    A missing, damaged or foreign file is one UserError line (gruexp.checkpoints.check_checkpoint), never a traceback.
     """
     p = Path(resolve_ckpt_path(str(ckpt_path)))
     check_checkpoint(p)

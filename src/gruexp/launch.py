@@ -1,4 +1,4 @@
-"""Multi-device and sweep plumbing: DDP ranks that re-run the current Hydra job, sweep winners, resumable Optuna.
+"""Multi-device plumbing: DDP ranks that re-run the current Hydra job, one job's state kept from the next.
 
 Lightning's `ddp` strategy starts ranks 1..N-1 by re-executing `sys.argv` (`_hydra_subprocess_cmd`). Under
 `-m` that command is the whole sweep (every child re-runs every job, a second multirun folder appears); under
@@ -12,19 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -33,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from gruexp import UserError
-from gruexp.faults import atomic_write
 from gruexp.threads import THREAD_VARS, threads_per_process, usable_cores, user_threads
 
 log = logging.getLogger("gruexp.launch")
@@ -228,70 +224,3 @@ class SameConfigOnAllRanks(L.Callback):
                 f"({', '.join(f'{d:012x}' for d in everyone)}): "
                 "start DDP through gruexp.train (trainer.devices=N) so every rank re-runs this job's overrides"
             )
-
-
-def read_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every job of a sweep folder: its number, overrides and summary.json (val_ppl NaN where it has none)."""
-    jobs = []
-    for summary in sorted(sweep_dir.glob("*/summary.json")):
-        job = summary.parent
-        overrides = job / ".hydra" / "overrides.yaml"
-        jobs.append(
-            {
-                "job": job.name,
-                "overrides": OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else [],
-                **json.loads(summary.read_text()),
-            }
-        )
-    return jobs
-
-
-class PrintBestRun(HydraCallback):
-    """Hydra callback: when a sweep ends, print its jobs by val/ppl and the winner; write best.json beside them."""
-
-    def __init__(self, metric: str = "val_ppl"):
-        self.metric = metric
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        everyone = read_sweep(sweep_dir)
-        jobs = [j for j in everyone if not math.isnan(j.get(self.metric, math.nan))]
-        pruned = [j for j in jobs if j.get("status") == "pruned"]  # stopped early by Optuna: not comparable
-        jobs = [j for j in jobs if j.get("status") != "pruned"]
-        if pruned:
-            log.info(
-                "%d jobs pruned, not ranked: %s",
-                len(pruned),
-                ", ".join(
-                    f"job {j['job']} at epoch {j.get('pruned_epoch')}"
-                    for j in sorted(pruned, key=lambda j: int(j["job"]))
-                ),
-            )
-        if not jobs:
-            log.warning("sweep %s: no job wrote a %s to its summary.json", sweep_dir, self.metric)
-            return
-        jobs.sort(key=lambda j: j[self.metric])
-        # what differs between the sweep's jobs, failed and diverged ones included: a winner among one is still
-        # named by the values it was given
-        common = set.intersection(*(set(j["overrides"]) for j in everyone))
-        for j in jobs:
-            swept = " ".join(o for o in j["overrides"] if o not in common)
-            log.info("job %s  %s %.3f  %s", j["job"], self.metric, j[self.metric], swept)
-        best = jobs[0]
-        log.info(
-            "best of %s jobs: job %s (%s), %s %.3f: %s",
-            len(jobs) if len(jobs) == len(everyone) else f"{len(jobs)} of {len(everyone)}",
-            best["job"],
-            sweep_dir / best["job"],
-            self.metric,
-            best[self.metric],
-            " ".join(o for o in best["overrides"] if o not in common) or "(all jobs alike)",
-        )
-        payload = {
-            "job": best["job"],
-            "folder": str(sweep_dir / best["job"]),
-            self.metric: best[self.metric],
-            "overrides": best["overrides"],
-        }
-        text = json.dumps(payload, indent=2) + "\n"
-        atomic_write(sweep_dir / "best.json", lambda f: f.write(text.encode()))  # as summary.json: never half

@@ -2,7 +2,7 @@
 
 No host sync in the training step: perplexity and bits per character come from the loss the step computes anyway
 (a device sum of NLL and a token count, TokenNLL, synced once at an epoch's end), tokens are counted on the host
-from batch shapes, and the divergence check (gruexp.faults.StepChecks) reads the device only every few steps.
+from batch shapes, and the divergence check (gruexp.guards.StepChecks) reads the device only every few steps.
 """
 
 from __future__ import annotations

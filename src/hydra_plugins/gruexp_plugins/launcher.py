@@ -13,7 +13,6 @@ The variables reach the job through submitit's own `setup` commands (shell lines
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -34,6 +33,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from omegaconf import DictConfig, OmegaConf
 
 from gruexp.console import brief_overrides
+from gruexp.sweeps import read_summary
 from gruexp.threads import THREAD_VARS, threads_per_process, usable_cores, user_threads
 
 log = logging.getLogger("gruexp.launch")
@@ -236,9 +236,8 @@ class LocalLauncher(BaseSubmititLauncher):
 
 def _outcome(folder: Path) -> str:
     """`completed, val/ppl 5.43` from a job's summary.json; what is known without one."""
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
+    summary = read_summary(folder)
+    if summary is None:
         return f"no summary.json in {folder}"
     ppl = summary.get("val_ppl")
     return f"{summary.get('status', '?')}, val/ppl {ppl:.3f}" if isinstance(ppl, float) else summary.get("status", "?")

@@ -1,47 +1,31 @@
-"""What Lightning and Hydra leave to us when things go wrong: interruption, divergence, bad input, atomic saves.
+"""Guards during training: what Lightning leaves to us when a run diverges or is told to stop, and the exit codes.
 
-- InterruptCheckpoint: SIGTERM or SIGINT stop every rank after the same batch and save last.ckpt there, so a
-  preempted run resumes exactly; crashes and divergence save nothing.
-- DivergenceDetector: a non-finite loss stops the run, naming the step, before any checkpoint takes its weights.
 - StepChecks: both decisions in one small tensor on the module's device: one collective per DDP step at most,
   none and no host sync on one process but every `log_every_n_steps` batches and where a checkpoint is written.
-- AtomicCheckpointIO: checkpoints are written to a temporary file beside the target, then renamed.
-- check_devices, user_error, check_choices, ProtectOutputDir: bad input as one clear line (with gruexp.checks,
-  whose resolve_ckpt_path and check_checkpoint are re-exported here).
+- DivergenceDetector: a non-finite loss stops the run (Diverged), naming the step, before any checkpoint takes its
+  weights.
+- InterruptCheckpoint: SIGTERM or SIGINT stop every rank after the same batch and save last.ckpt there
+  (Interrupted), so a preempted run resumes exactly; crashes and divergence save nothing.
+- stop_on_signals: outside training's batches (setting up, testing) a signal stops the run at once (Stopped).
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import math
 import os
-import re
 import signal
-import sys
-import tempfile
-import time
-import traceback
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import lightning as L
 import torch
-from hydra.experimental.callback import Callback as HydraCallback
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
 
-from gruexp import UserError
-from gruexp.checks import LAST, NO_SPACE, check_checkpoint, claim_run_dir, is_child_rank, resolve_ckpt_path
-
-__all__ = ["resolve_ckpt_path", "check_checkpoint"]  # one resolver and one check for train, generate, evaluate
+from gruexp.checkpoints import LAST
 
 log = logging.getLogger(__name__)
 
@@ -316,234 +300,3 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Call `write(f)` on a file that becomes `path` only once whole (fsync, then os.replace): a kill leaves the old.
-
-    Where Linux's O_TMPFILE works the file has no name until it is whole, so a kill -9 mid-write leaves nothing
-    behind; elsewhere a `.<name>.<pid>.tmp` beside the target, removed on any error. A full disk is an OSError
-    naming the target.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        try:
-            fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
-            named = False
-        except (AttributeError, OSError):  # not Linux, or a filesystem without O_TMPFILE
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            named = True
-        with open(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            if not named:  # linkat(AT_SYMLINK_FOLLOW), which Python uses only given a dir_fd
-                tmp.unlink(missing_ok=True)
-                dir_fd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.link(f"/proc/self/fd/{f.fileno()}", tmp.name, dst_dir_fd=dir_fd, follow_symlinks=True)
-                finally:
-                    os.close(dir_fd)
-        os.replace(tmp, path)
-    except Exception as e:
-        if _find_no_space(e) is not None:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written with atomic_write: a kill, even kill -9 mid-save, leaves the previous file and no other.
-
-    Lightning's own save goes through an fsspec transaction whose temporary file lives in the system temp folder;
-    when that is another filesystem the final move is a copy, which a kill can truncate.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if "://" in str(path):  # remote storage: fsspec's transaction is the tool there
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def check_devices(accelerator: str, devices: Any) -> None:
-    """Refuse more CPU processes than cores (Lightning would start them all); GPU counts Lightning checks itself."""
-    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if cpu and isinstance(devices, int) and not isinstance(devices, bool):
-        cores = os.cpu_count() or 1
-        if devices > cores:
-            raise UserError(
-                f"trainer.devices={devices} but this machine has {cores} CPU cores: "
-                f"use trainer.devices={cores} or fewer"
-            )
-
-
-def user_error(exc: BaseException) -> UserError | None:
-    """The user's mistake inside `exc` (Hydra wraps whatever a _target_ raises), or None for a real bug.
-
-    A full disk is the user's to fix too: one line naming the folder, not the chain of tracebacks it causes.
-    """
-    e: BaseException | None = exc
-    while e is not None:
-        if isinstance(e, UserError):
-            return e
-        if isinstance(e, MisconfigurationException):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            about_devices = re.search(r"accelerator|device|gpu|cuda|mps|tpu|hpu|strategy", first, re.IGNORECASE)
-            return UserError(
-                f"trainer: {first}" + (" (check trainer.accelerator and trainer.devices)" if about_devices else "")
-            )
-        if no_space(e):
-            return UserError(no_space(e))
-        called = _library_refused(e)
-        if called is not None:
-            return called
-        if isinstance(e, OSError) and e.filename and e.errno in (errno.EACCES, errno.EPERM):
-            return UserError(f"cannot open {e.filename} ({e.strerror}): fix its permissions or give another file")
-        e = e.__cause__  # Hydra raises InstantiationException(...) from the error
-    return None
-
-
-def _library_refused(e: BaseException) -> UserError | None:
-    """Hydra's `Error in call to target ...` when the target (Lightning, torch) refused a config value with a
-    ValueError or TypeError of its own: one line naming the config node. Raised inside gruexp it stays a bug."""
-    from hydra.errors import InstantiationException
-
-    cause = e.__cause__
-    if not isinstance(e, InstantiationException) or not isinstance(cause, (ValueError, TypeError)):
-        return None
-    frames = traceback.extract_tb(cause.__traceback__)
-    if frames and f"{os.sep}gruexp{os.sep}" in frames[-1].filename:
-        return None
-    key = re.search(r"^full_key: (\S+)$", str(e), re.MULTILINE)
-    node = key[1] if key else "the config"
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return UserError(f"{node}: {first} (check the {node}.* values given)")
-
-
-def no_space(e: BaseException) -> str | None:
-    """'no space left on device writing <file>: ...' when `e` is (or was caused by) a full disk or quota, else None."""
-    full = _find_no_space(e)
-    if full is None:
-        return None
-    where = f" writing {full.filename}" if full.filename else ""
-    return f"no space left on device{where}: free space there or set hydra.run.dir to another disk"
-
-
-def _find_no_space(e: BaseException | None) -> OSError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in NO_SPACE:
-            return e
-        e = e.__cause__ or e.__context__  # torch.save's RuntimeError carries the OSError as its context
-    return None
-
-
-def check_choices(args: Sequence[str], conf_dir: str | os.PathLike) -> None:
-    """`group=option` overrides naming no conf/<group>/<option>.yaml: one line listing the choices, exit 2.
-
-    Hydra reports these itself, but as a multi-line dump of its search path; this runs before Hydra does.
-    """
-    conf = Path(conf_dir)
-    for arg in args:
-        m = re.fullmatch(r"[+~]?([A-Za-z_]\w*)=([\w,.-]+)", arg)
-        if not m or not (conf / m[1]).is_dir() or m[1] in ("hydra", "experiment"):
-            continue
-        group, values = m[1], m[2].split(",")
-        choices = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-        bad = [v for v in values if v not in choices and v != "null"]
-        if bad:
-            print(f"Error: Could not find '{group}/{bad[0]}': choose one of {', '.join(choices)}", file=sys.stderr)
-            raise SystemExit(2)
-
-
-class ProtectOutputDir(HydraCallback):
-    """Before Hydra writes anything: claim the run folder (gruexp.checks.claim_run_dir), or refuse it in one line."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if is_child_rank():
-            return  # a DDP rank started by rank 0 joins the folder rank 0 claimed
-        raw = str(config.hydra.run.dir or "").strip()
-        if not raw:
-            _fail("hydra.run.dir is empty: give a folder, or leave it out for outputs/<task_name>/runs/<time>")
-        try:
-            claim_run_dir(Path(raw).expanduser().absolute())
-        except UserError as e:
-            _fail(str(e))
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        raw = str(config.hydra.sweep.dir or "").strip()
-        if not raw:
-            _fail("hydra.sweep.dir is empty: give a folder, or leave it out for outputs/<task_name>/multirun/<time>")
-        out = Path(raw).expanduser().absolute()
-        _check_writable(out, "hydra.sweep.dir")
-        # A grid sweep's job k writes into folder k: a second sweep in the same folder would overwrite the first's
-        # jobs (Hydra saves a job's .hydra/ before any job callback runs, so the folder is refused here, not per
-        # job). gruexp's Optuna sweeper resumes its study in its folder on purpose: trial k, folder k, never reused.
-        resumable = str(config.hydra.sweeper.get("_target_", "")).endswith(".GruexpOptunaSweeper")
-        if not resumable and out.is_dir() and (entries := sorted(p.name for p in out.iterdir())):
-            _fail(
-                f"hydra.sweep.dir {out} already holds {', '.join(entries[:3])}: a sweep there would overwrite its "
-                "jobs' folders; choose a new or empty folder, or leave it out for outputs/<task_name>/multirun/<time>"
-            )
-
-
-class SweepOutcome(HydraCallback):
-    """When a sweep ends (after PrintBestRun wrote best.json for the jobs that finished): name each job that failed
-    on bad input or diverged, and exit 1.
-
-    Such a job is an outcome, recorded in its summary.json, so train.main lets the sweep go on (Hydra's sweepers
-    stop at the first job that raises, before any on_multirun_end); bugs still raise as before.
-    """
-
-    OK = ("completed", "pruned")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._started = time.time()  # a resumed Optuna study's folder holds earlier invocations' jobs too
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_")):
-            return  # a search (Optuna) records failed trials in its study and decides its own exit (train.main)
-        failed = []
-        for summary in sorted(Path(str(config.hydra.sweep.dir)).glob("*/summary.json")):
-            try:
-                if summary.stat().st_mtime < getattr(self, "_started", 0) - 1:
-                    continue
-                s = json.loads(summary.read_text())
-            except (OSError, ValueError):
-                continue
-            if s.get("status") not in self.OK:
-                overrides = summary.parent / ".hydra" / "overrides.yaml"
-                args = OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else []
-                failed.append(
-                    f"Error executing job with overrides: {args} (job {summary.parent.name} "
-                    f"{s.get('status')}: {s.get('error', '')})"
-                )
-        if failed:
-            print("\n".join(failed), file=sys.stderr)
-            raise SystemExit(1)
-
-
-def _check_writable(out: Path, key: str) -> None:
-    """The nearest existing folder of `out` must take a few bytes (Hydra creates the rest); nothing is left behind."""
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    try:
-        if not parent.is_dir():
-            raise NotADirectoryError(20, "not a directory")
-        with tempfile.TemporaryFile(dir=parent) as f:
-            f.write(b"gruexp" * 700)  # a block's worth: a full disk refuses it, an empty file would pass
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        _fail(f"cannot write the output folder {out} ({e.strerror}): set {key} to a writable folder")
-
-
-def _fail(message: str) -> None:
-    # a Hydra callback's exception would be wrapped in Hydra's own multi-line report; SystemExit passes through
-    print(f"Error: {message}", file=sys.stderr)
-    raise SystemExit(2)

@@ -1,42 +1,38 @@
-"""Checks that run before any work: the user's values, keys and checkpoints, the run folder, memory; one line each.
+"""Preflight: every check that runs before any work, each refusal one line naming the fix (UserError or exit 2).
 
 - check_train_config / check_generate_config: type and range of every key a user types, with the key's name.
-- check_overrides: a `key=value` naming no key of the config is one line naming the closest real key.
-- claim_run_dir: a run folder is taken atomically (O_EXCL) before anything is written into it.
-- resolve_ckpt_path + check_checkpoint: what `ckpt_path` means and whether that file fits this run, for train,
-  generate and evaluate alike.
-- check_memory: the configured model's weights, gradients, optimizer state and activations must fit.
+- check_choices / check_overrides: the command line, before Hydra reads it (a group option or key that does not
+  exist: one line naming the choices or the closest real key).
+- check_devices / check_memory: more CPU processes than cores, a model whose training does not fit in memory.
+- claim_run_dir / ProtectOutputDir: a run folder is taken atomically (O_EXCL) before anything is written into it.
+
+One module for the whole phase, as checkpoints.py and guards.py are one each for theirs: the value table and the
+command-line checks make it longer than the others.
 """
 
 from __future__ import annotations
 
 import difflib
-import errno
 import inspect
 import json
-import logging
 import math
 import os
-import pickle
 import re
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import UserError
+from gruexp.errors import UserError
 
-log = logging.getLogger(__name__)
-
-LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # "last.ckpt"
 CLAIM = ".gruexp_run"  # the marker a run creates (O_EXCL) in its folder before anything else is written
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 # --- values ---------------------------------------------------------------------------------------------------
@@ -197,7 +193,25 @@ def check_generate_config(cfg: DictConfig) -> None:
     _check(cfg, GENERATE_CHECKS)
 
 
-# --- keys -----------------------------------------------------------------------------------------------------
+# --- the command line -----------------------------------------------------------------------------------------
+
+
+def check_choices(args: Sequence[str], conf_dir: str | os.PathLike) -> None:
+    """`group=option` overrides naming no conf/<group>/<option>.yaml: one line listing the choices, exit 2.
+
+    Hydra reports these itself, but as a multi-line dump of its search path; this runs before Hydra does.
+    """
+    conf = Path(conf_dir)
+    for arg in args:
+        m = re.fullmatch(r"[+~]?([A-Za-z_]\w*)=([\w,.-]+)", arg)
+        if not m or not (conf / m[1]).is_dir() or m[1] in ("hydra", "experiment"):
+            continue
+        group, values = m[1], m[2].split(",")
+        choices = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        bad = [v for v in values if v not in choices and v != "null"]
+        if bad:
+            print(f"Error: Could not find '{group}/{bad[0]}': choose one of {', '.join(choices)}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
@@ -303,272 +317,19 @@ def _accepts(node: Any, name: str) -> bool:
         return False
 
 
-# --- the run folder -------------------------------------------------------------------------------------------
-
-RUN_TRACES = (CLAIM, "summary.json", "checkpoints", ".hydra", "train.log", "csv", "wandb")
+# --- devices and memory ---------------------------------------------------------------------------------------
 
 
-def claim_run_dir(out: Path) -> None:
-    """Take `out` for this run before anything is written there: refuse a folder holding anything, then O_EXCL.
-
-    Two runs started together with the same folder both see it empty; only one creates the marker. A folder left by
-    a run in any state (killed before its first checkpoint included) holds at least that marker or Hydra's files.
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"cannot write the output folder {out} (a file is in the way): set hydra.run.dir to a folder")
-    if out.is_dir():
-        entries = sorted(p.name for p in out.iterdir())
-        traces = [e for e in entries if e in RUN_TRACES or e.endswith(".log")]
-        if traces:
+def check_devices(accelerator: str, devices: Any) -> None:
+    """Refuse more CPU processes than cores (Lightning would start them all); GPU counts Lightning checks itself."""
+    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cpu and isinstance(devices, int) and not isinstance(devices, bool):
+        cores = os.cpu_count() or 1
+        if devices > cores:
             raise UserError(
-                f"{out} already holds a run ({', '.join(traces[:3])}): choose another hydra.run.dir "
-                f"(to continue that run in a new folder: ckpt_path={out})"
+                f"trainer.devices={devices} but this machine has {cores} CPU cores: "
+                f"use trainer.devices={cores} or fewer"
             )
-        if entries:
-            raise UserError(
-                f"{out} is not empty ({', '.join(entries[:3])}): set hydra.run.dir to a new or empty folder"
-            )
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise UserError(f"{out} was just claimed by another run: choose another hydra.run.dir") from None
-    except OSError as e:
-        raise UserError(
-            f"cannot write the output folder {out} ({e.strerror}): set hydra.run.dir to a writable folder"
-        ) from e
-    try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv}
-        os.write(fd, (json.dumps(info) + "\n").encode())  # bytes, not an empty file: a full disk fails here
-        os.fsync(fd)
-    except OSError as e:
-        os.close(fd)
-        (out / CLAIM).unlink(missing_ok=True)
-        if created:
-            out.rmdir()
-        raise UserError(
-            f"cannot write the output folder {out} ({e.strerror}): free space or choose another folder"
-        ) from e
-    os.close(fd)
-
-
-def is_child_rank() -> bool:
-    """A DDP rank other than 0 (gruexp's launcher, torchrun): it joins the folder rank 0 claimed."""
-    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("LOCAL_RANK", "RANK"))
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def _read(path: Path) -> dict:
-    """The checkpoint's content, tensors memory-mapped (nothing large read); any failure is a UserError."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if isinstance(e, pickle.UnpicklingError) or "weights_only" in first or "Weights only" in first:
-            why = "not a PyTorch checkpoint, or one holding code"  # never suggest weights_only=False
-        elif "zip" in first or isinstance(e, (OSError, EOFError)):
-            why = f"truncated or damaged, {path.stat().st_size} bytes"
-        else:
-            why = f"{type(e).__name__}: {first[:120]}"
-        raise UserError(f"{path} is not a readable gruexp checkpoint ({why}): use a run's checkpoints/last.ckpt") from e
-    if not isinstance(ckpt, dict) or not {"hyper_parameters", "state_dict"} <= ckpt.keys():
-        raise UserError(f"{path} is not a gruexp checkpoint (no hyper_parameters/state_dict): use a run's last.ckpt")
-    hp = ckpt["hyper_parameters"]
-    if not {"name", "hidden_size", "vocab"} <= set(hp):
-        raise UserError(f"{path} is not a gruexp checkpoint (its hyper-parameters lack name, hidden_size, vocab)")
-    return ckpt
-
-
-def model_signature(model_cfg: Any, vocab: Sequence[str]) -> dict[str, Any]:
-    """What a checkpoint must share with a run to be resumed by it: model name, sizes, layers, form, vocabulary."""
-    from gruexp.models import net_options
-
-    options = net_options(model_cfg)
-    sig = {f"model.{k}": v for k, v in options.items() if k != "dropout"}  # dropout changes no weight
-    sig["vocab"] = [str(t) for t in vocab]
-    return sig
-
-
-SPLIT_KEYS = {"val_fraction": 0.05, "test_fraction": 0.05, "val_tokens": None}  # the data module's defaults
-
-
-def split_signature(data_cfg: Any) -> dict[str, Any]:
-    """The keys that choose the validation and test splits: a resumed run must keep them, or best.ckpt would be
-    chosen across two validation sets and the test split would overlap what was trained on."""
-    return {f"data.{k}": data_cfg.get(k, default) for k, default in SPLIT_KEYS.items()}
-
-
-def vocab_difference(theirs: Sequence[str], mine: Sequence[str]) -> str:
-    """Where two unequal vocabularies part, for an error line: `token 3 is 'a', here 'b'`, or their sizes."""
-    at = next((i for i, (a, b) in enumerate(zip(theirs, mine, strict=False)) if a != b), None)
-    return f"token {at} is {theirs[at]!r}, here {mine[at]!r}" if at is not None else "sizes"
-
-
-def _differs(path: Path, hp: dict, expect: dict[str, Any], data: dict | None = None) -> str | None:
-    """The first way the checkpoint's hyper-parameters differ from the run's signature, as a sentence, or None."""
-    theirs = model_signature(hp, hp["vocab"])
-    if data is not None:  # the data module's hyper-parameters (a checkpoint without them is not compared)
-        theirs |= split_signature(data)
-    for key, mine in expect.items():
-        if key == "vocab":
-            if theirs["vocab"] != mine:
-                return (
-                    f"was trained on another vocabulary ({len(theirs['vocab'])} tokens, this corpus has {len(mine)}; "
-                    f"{vocab_difference(theirs['vocab'], mine)}): resume with that run's corpus (data.path)"
-                )
-        elif key in theirs and theirs[key] != mine:
-            group = key.split(".")[0]
-            why = " (a new split would change what best.ckpt is chosen on)" if group == "data" else ""
-            return (
-                f"was trained with {key}={theirs[key]}, this run has {key}={mine}: give that run's {group} "
-                f"overrides{why}"
-            )
-    return None
-
-
-def _shape_mismatch(path: Path, hp: dict, state_dict: dict) -> str | None:
-    """Name a weight whose shape or name disagrees with the model the hyper-parameters describe (built on meta)."""
-    from gruexp.module import CharLM
-
-    kwargs = {k: hp[k] for k in ("name", "hidden_size", "vocab", "num_layers", "dropout", "reset_after") if k in hp}
-    try:
-        with torch.device("meta"):
-            expected = CharLM(**kwargs).state_dict()
-    except UserError as e:
-        return f"its hyper-parameters do not build a model ({e})"
-    V, H = len(hp["vocab"]), hp["hidden_size"]
-    for k, w in state_dict.items():
-        if k in expected and expected[k].shape != w.shape:
-            dims = set(w.shape)
-            which = "vocabulary" if V not in dims else "hidden size" if H not in dims else "shape"
-            return (
-                f"its weights do not fit its {which} (vocabulary of {V} tokens, hidden size {H}): {k} is "
-                f"{list(w.shape)}, expected {list(expected[k].shape)}; the file mixes two runs"
-            )
-    missing = [k for k in expected if k.startswith("net.") and k not in state_dict]
-    if missing:
-        return f"its weights lack {missing[0]} for model {hp['name']!r}; the file mixes two runs"
-    return None
-
-
-def check_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read a checkpoint and check it, for train (resume), generate and evaluate alike; return its hyper-parameters.
-
-    Refused in one line (UserError): a file torch cannot read (truncated, random bytes, not a checkpoint), weights
-    that do not fit the model its hyper-parameters describe, and, given `expect` (model_signature of the run), a
-    checkpoint of another model, size, layer count or vocabulary (content, not only size).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(
-            f"checkpoint {p} does not exist: pass ckpt_path=last, a run folder or its checkpoints/last.ckpt"
-        )
-    ckpt = _read(p)
-    hp = dict(ckpt["hyper_parameters"])
-    why = _shape_mismatch(p, hp, ckpt["state_dict"])
-    if why:
-        raise UserError(f"{p}: {why}; use the run's own checkpoints/last.ckpt")
-    if expect is not None:
-        why = _differs(p, hp, expect, ckpt.get("datamodule_hyper_parameters"))
-        if why:
-            raise UserError(f"checkpoint {p} {why}")
-    return hp
-
-
-def resumed_wandb_id(path: str | os.PathLike) -> str | None:
-    """The W&B run a checkpoint's training logged to (CharLM.on_save_checkpoint), for the resumed run to continue."""
-    run_id = (_read(Path(path)).get("gruexp_resume") or {}).get("wandb_id")
-    return run_id if isinstance(run_id, str) else None
-
-
-def check_training_left(path: str | os.PathLike, max_epochs: int | None, max_steps: int | None) -> None:
-    """A checkpoint to resume must leave something to train: else Lightning stops at once and the run would end
-    "completed" with no metrics (nan perplexities, an empty sample). Lightning's own test: epochs whose training
-    finished (`epoch_progress.current.processed`) against max_epochs, global_step against max_steps."""
-    ckpt = _read(Path(path))
-    epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
-    if max_epochs not in (None, -1) and epochs is not None and epochs >= max_epochs:
-        raise UserError(
-            f"{path} has trained {epochs} epochs and trainer.max_epochs={max_epochs}: nothing is left to train; "
-            f"set trainer.max_epochs above {epochs} to train on"
-        )
-    steps = ckpt.get("global_step")
-    if max_steps not in (None, -1) and steps is not None and steps >= max_steps:
-        raise UserError(
-            f"{path} has trained {steps} steps and trainer.max_steps={max_steps}: nothing is left to train; "
-            f"set trainer.max_steps above {steps} to train on"
-        )
-
-
-def _candidates(output_dir: str | os.PathLike | None) -> tuple[Path, list[Path]]:
-    """last.ckpt of the sibling run folders of `output_dir` (newest first); without any, those under ./outputs."""
-    if output_dir is not None:
-        out = Path(output_dir).resolve()
-        root = out.parent
-        found = [p for p in root.glob(f"*/checkpoints/{LAST}") if out not in p.parents]
-        if found:
-            return root, sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-    root = Path("outputs").resolve()
-    found = [*root.glob(f"*/runs/*/checkpoints/{LAST}"), *root.glob(f"*/multirun/*/*/checkpoints/{LAST}")]
-    if output_dir is not None:
-        found = [p for p in found if Path(output_dir).resolve() not in p.parents]
-        root = Path(output_dir).resolve().parent if not found else root
-    return root, sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def resolve_ckpt_path(
-    ckpt_path: str | os.PathLike | None, output_dir: str | os.PathLike | None = None, expect: dict | None = None
-) -> str | None:
-    """What `ckpt_path` names, for train, generate and evaluate: a file, a run folder (its last.ckpt), or `last`.
-
-    `last`: the newest last.ckpt among the sibling run folders of `output_dir` (the current run's own excluded), or
-    among ./outputs/*/runs/* when there are none (generate, evaluate). With `expect` (model_signature of the run),
-    `last` skips checkpoints of another model or vocabulary, and the chosen file is checked (check_checkpoint).
-    """
-    if ckpt_path is None or str(ckpt_path) == "":
-        return None
-    if str(ckpt_path) == "last":
-        root, found = _candidates(output_dir)
-        if not found:
-            raise UserError(
-                f"ckpt_path=last found no */checkpoints/{LAST} under {root}: give the file or run folder, "
-                "ckpt_path=<run>/checkpoints/last.ckpt"
-            )
-        reasons = []
-        for p in found:
-            try:
-                if expect is not None:
-                    check_checkpoint(p, expect)
-            except UserError as e:
-                reasons.append(str(e))
-                continue
-            log.info("ckpt_path=last is %s", p)
-            return str(p)
-        raise UserError(
-            f"ckpt_path=last: none of the {len(found)} {LAST} under {root} fits this run; newest: {reasons[0]}"
-        )
-    p = Path(ckpt_path).expanduser()
-    if p.is_dir():
-        for candidate in (p / "checkpoints" / LAST, p / LAST):
-            if candidate.is_file():
-                p = candidate
-                break
-        else:
-            raise UserError(f"ckpt_path={ckpt_path} is a folder without checkpoints/{LAST}: give a run folder or file")
-    elif not p.is_file():
-        raise UserError(
-            f"ckpt_path={ckpt_path} is not a checkpoint file: it does not exist: pass ckpt_path=last, a run folder "
-            "or <run>/checkpoints/last.ckpt"
-        )
-    if expect is not None:
-        check_checkpoint(p, expect)
-    return str(p)
-
-
-# --- memory ---------------------------------------------------------------------------------------------------
 
 
 def available_memory(on_gpu: bool) -> int:
@@ -634,3 +395,111 @@ def check_memory(cfg: DictConfig, vocab_size: int) -> int:
             f"{_gb(have)} available: lower model.hidden_size"
         )
     return need * copies
+
+
+# --- the run folder -------------------------------------------------------------------------------------------
+
+RUN_TRACES = (CLAIM, "summary.json", "checkpoints", ".hydra", "train.log", "csv", "wandb")
+
+
+def claim_run_dir(out: Path) -> None:
+    """Take `out` for this run before anything is written there: refuse a folder holding anything, then O_EXCL.
+
+    Two runs started together with the same folder both see it empty; only one creates the marker. A folder left by
+    a run in any state (killed before its first checkpoint included) holds at least that marker or Hydra's files.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write the output folder {out} (a file is in the way): set hydra.run.dir to a folder")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        traces = [e for e in entries if e in RUN_TRACES or e.endswith(".log")]
+        if traces:
+            raise UserError(
+                f"{out} already holds a run ({', '.join(traces[:3])}): choose another hydra.run.dir "
+                f"(to continue that run in a new folder: ckpt_path={out})"
+            )
+        if entries:
+            raise UserError(
+                f"{out} is not empty ({', '.join(entries[:3])}): set hydra.run.dir to a new or empty folder"
+            )
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise UserError(f"{out} was just claimed by another run: choose another hydra.run.dir") from None
+    except OSError as e:
+        raise UserError(
+            f"cannot write the output folder {out} ({e.strerror}): set hydra.run.dir to a writable folder"
+        ) from e
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv}
+        os.write(fd, (json.dumps(info) + "\n").encode())  # bytes, not an empty file: a full disk fails here
+        os.fsync(fd)
+    except OSError as e:
+        os.close(fd)
+        (out / CLAIM).unlink(missing_ok=True)
+        if created:
+            out.rmdir()
+        raise UserError(
+            f"cannot write the output folder {out} ({e.strerror}): free space or choose another folder"
+        ) from e
+    os.close(fd)
+
+
+def is_child_rank() -> bool:
+    """A DDP rank other than 0 (gruexp's launcher, torchrun): it joins the folder rank 0 claimed."""
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("LOCAL_RANK", "RANK"))
+
+
+class ProtectOutputDir(HydraCallback):
+    """Before Hydra writes anything: claim the run folder (claim_run_dir), or refuse it in one line."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_child_rank():
+            return  # a DDP rank started by rank 0 joins the folder rank 0 claimed
+        raw = str(config.hydra.run.dir or "").strip()
+        if not raw:
+            _fail("hydra.run.dir is empty: give a folder, or leave it out for outputs/<task_name>/runs/<time>")
+        try:
+            claim_run_dir(Path(raw).expanduser().absolute())
+        except UserError as e:
+            _fail(str(e))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        raw = str(config.hydra.sweep.dir or "").strip()
+        if not raw:
+            _fail("hydra.sweep.dir is empty: give a folder, or leave it out for outputs/<task_name>/multirun/<time>")
+        out = Path(raw).expanduser().absolute()
+        _check_writable(out, "hydra.sweep.dir")
+        # A grid sweep's job k writes into folder k: a second sweep in the same folder would overwrite the first's
+        # jobs (Hydra saves a job's .hydra/ before any job callback runs, so the folder is refused here, not per
+        # job). gruexp's Optuna sweeper resumes its study in its folder on purpose: trial k, folder k, never reused.
+        resumable = str(config.hydra.sweeper.get("_target_", "")).endswith(".GruexpOptunaSweeper")
+        if not resumable and out.is_dir() and (entries := sorted(p.name for p in out.iterdir())):
+            _fail(
+                f"hydra.sweep.dir {out} already holds {', '.join(entries[:3])}: a sweep there would overwrite its "
+                "jobs' folders; choose a new or empty folder, or leave it out for outputs/<task_name>/multirun/<time>"
+            )
+
+
+def _check_writable(out: Path, key: str) -> None:
+    """The nearest existing folder of `out` must take a few bytes (Hydra creates the rest); nothing is left behind."""
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        with tempfile.TemporaryFile(dir=parent) as f:
+            f.write(b"gruexp" * 700)  # a block's worth: a full disk refuses it, an empty file would pass
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _fail(f"cannot write the output folder {out} ({e.strerror}): set {key} to a writable folder")
+
+
+def _fail(message: str) -> None:
+    # a Hydra callback's exception would be wrapped in Hydra's own multi-line report; SystemExit passes through
+    print(f"Error: {message}", file=sys.stderr)
+    raise SystemExit(2)
