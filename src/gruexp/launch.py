@@ -125,8 +125,8 @@ class JobDDPStrategy(DDPStrategy):
 
     def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
         # Lightning 2.6 builds DDP inside a new side stream (for CUDA-graph capture, which gruexp does not do): DDP's
-        # AccumulateGrad nodes then belong to another stream than the backward, and torch warned on an H200 of the
-        # extra synchronisation this costs on every step (Lightning #21567; its fix, #21746, came after 2.6.6).
+        # AccumulateGrad nodes then belong to another stream than the backward, and torch warns on CUDA of the extra
+        # synchronisation this costs on every step (Lightning #21567, fixed after the 2.6 series this project pins).
         return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
 
     def _configure_launcher(self) -> None:
