@@ -43,7 +43,7 @@ def batches_that_stepped(trainer: L.Trainer) -> int:
 
 
 def compute_dtype(plugin: Precision) -> torch.dtype:
-    """The dtype the precision plugin's matmuls run in (bf16 for bf16-mixed, say); raises for a plugin it cannot map."""
+    """Lightning's reading of the dtype a precision plugin computes in; raises for a plugin it cannot map."""
     return _plugin_to_compute_dtype(plugin)
 
 
