@@ -20,6 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from gruexp.guards import Diverged, DivergenceDetector, InterruptCheckpoint, Interrupted, StepChecks
 from gruexp.module import CharLM
+from gruexp.throughput import gather_epoch
 from gruexp.train import train
 
 META = torch.device("meta")
@@ -154,7 +155,7 @@ def test_ddp_checkpoint_and_epoch_collectives_of_the_module_are_on_its_device():
     module.train_nll.update(torch.ones((), device=META), 10)
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)  # gathers every rank's carried state and train metric
-    tokens, seconds = module._gather_epoch(tokens=350, seconds=0.5)  # all ranks' tokens, the slowest time
+    tokens, seconds = gather_epoch(module, tokens=350, seconds=0.5)  # all ranks' tokens, the slowest time
     assert [c[0] for c in strategy.calls] == ["all_gather"] * 4
     assert (tokens, seconds) == (0, 0.0)  # what the recording strategy's zeros gathered
     assert checkpoint["gruexp_resume"]["world_size"] == 2

@@ -11,7 +11,8 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from gruexp.module import CharLM, Throughput, pin_memory
+from gruexp.module import CharLM, pin_memory
+from gruexp.throughput import Throughput, compute_dtype
 from gruexp.train import train
 
 
@@ -33,7 +34,7 @@ def read_csv_metrics(run) -> list[dict[str, str]]:
 
 def test_run_summary_uses_the_whole_run_and_the_log_keeps_each_epoch(make_cfg, tmp_path, monkeypatch, corpus_path):
     # this CPU has no known peak FLOP/s; a GPU's (what Lightning's get_available_flops gives there) stands in
-    monkeypatch.setattr("gruexp.module.get_available_flops", lambda device, dtype: 1e12)
+    monkeypatch.setattr("gruexp.throughput.get_available_flops", lambda device, dtype: 1e12)
     cfg = make_cfg("model=fused", "logger=csv", "trainer.max_epochs=3")
     summary = train(cfg)
     rows = [r for r in read_csv_metrics(tmp_path) if r.get("train/tokens_per_sec")]
@@ -88,7 +89,7 @@ def test_an_h200_has_a_peak_for_mfu_by_the_name_cuda_reports(monkeypatch, dtype,
     """On an H200 (2026-11-26) CUDA said "NVIDIA H200" and Lightning found no FLOPs for it: no train/mfu. The
     name is what a GPU gives; this machine has none, so fakes stand in for it and for the capability (Lightning's
     TF32 rule)."""
-    from gruexp.module import peak_flops
+    from gruexp.throughput import peak_flops
 
     names = {0: "NVIDIA H200"}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[torch.device(device).index or 0])
@@ -102,3 +103,17 @@ def test_an_h200_has_a_peak_for_mfu_by_the_name_cuda_reports(monkeypatch, dtype,
     finally:
         torch.set_float32_matmul_precision(old)
     assert peak_flops(torch.device("cpu"), dtype) is None
+
+
+def test_mfu_is_measured_against_the_peak_of_the_precision_the_trainer_computes_in():
+    # Lightning's own mapping (fabric's _plugin_to_compute_dtype) reads a Trainer's bf16 and 16-bit plugins as fp32
+    expect = {
+        "32-true": torch.float32,
+        "bf16-mixed": torch.bfloat16,
+        "bf16-true": torch.bfloat16,
+        "64-true": torch.float64,
+    }
+    for precision, dtype in expect.items():
+        trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False)
+        assert compute_dtype(str(trainer.precision)) is dtype, precision
+    assert compute_dtype("16-mixed") is torch.float16

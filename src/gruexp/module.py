@@ -1,8 +1,9 @@
-"""CharLM: the LightningModule shared by all three variants (loss, carried state, perplexity, throughput, predict).
+"""CharLM: the LightningModule shared by all three variants (loss, carried state, perplexity, resume, predict).
 
 No host sync in the training step: perplexity and bits per character come from the loss the step computes anyway
 (a device sum of NLL and a token count, TokenNLL, synced once at an epoch's end), tokens are counted on the host
-from batch shapes, and the divergence check (gruexp.guards.StepChecks) reads the device only every few steps.
+from batch shapes (gruexp.throughput), and the divergence check (gruexp.guards.StepChecks) reads the device only
+every few steps. Throughput and the step logging are callbacks the module brings (configure_callbacks).
 """
 
 from __future__ import annotations
@@ -10,19 +11,21 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
+from gruexp.callbacks import StepMetrics
+from gruexp.compat import CURRENT_HOOK, attached_trainer
 from gruexp.data import Vocab
 from gruexp.models import build_model, forward_flops_per_token, net_options
+from gruexp.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -67,48 +70,6 @@ class TokenNLL(Metric):
         return this
 
 
-class Throughput:
-    """Training tokens over training wall time, per epoch and over the whole run (all ranks' tokens)."""
-
-    def __init__(self) -> None:
-        self.tokens, self.seconds = 0, 0.0
-        self.epochs: list[tuple[int, float]] = []  # (tokens, seconds) per epoch, for plots
-
-    def add(self, tokens: int, seconds: float) -> float:
-        """Add one epoch; return its tokens/sec."""
-        seconds = max(seconds, 1e-9)
-        self.epochs.append((tokens, seconds))
-        self.tokens += tokens
-        self.seconds += seconds
-        return tokens / seconds
-
-    @property
-    def tokens_per_sec(self) -> float:
-        """All epochs' tokens over their summed training time (not the last epoch's, not a mean of rates)."""
-        return self.tokens / self.seconds if self.seconds > 0 else math.nan
-
-
-# NVIDIA's H200 (SXM) has the H100 SXM's compute; its datasheet's FP16/BF16 989 and 1979 TFLOP/s are without and
-# with sparsity. Lightning 2.6 finds an H200 only by the names "h200 sxm1"/"h200 nvl1", which CUDA does not report
-# ("NVIDIA H200": no MFU on the H200 we ran on), and lists the sparse figures. Dense FLOP/s, as Lightning's H100's.
-H200_FLOPS: dict[torch.dtype | str, float] = {
-    torch.float32: 66.9e12,
-    "tfloat32": 494.7e12,
-    torch.bfloat16: 989.4e12,
-    torch.float16: 989.4e12,
-}
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The device's dense peak FLOP/s in `dtype` (float32 counts as TF32 unless matmul precision is 'highest'), for
-    train/mfu: Lightning's get_available_flops, and the H200 by the name CUDA gives it; None where unknown (CPUs)."""
-    if device.type == "cuda" and torch.cuda.get_device_name(device).lower() == "nvidia h200":
-        if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest":
-            dtype = "tfloat32"
-        return H200_FLOPS.get(dtype)
-    return get_available_flops(device, dtype)
-
-
 def pin_memory(loaders: object, device: torch.device) -> None:
     """Page-locked batches on CUDA, so that Lightning's non_blocking host-to-device copy overlaps compute.
 
@@ -146,6 +107,42 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["rng"])
     if device.type == "cuda" and states.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(states["cuda_rng"], device)
+
+
+RESUME_KEY = "gruexp_resume"  # the checkpoint's own key (written by the module's hook, so every save has it)
+
+
+def resume_point(module: CharLM) -> dict[str, Any]:
+    """What a mid-epoch resume needs to continue exactly: carried state, the epoch's train metric, RNG, W&B run."""
+    trainer = module.trainer
+    state = module._train_state if trainer.validating else module.state
+    # every rank carries its own rows; Lightning builds the checkpoint on all ranks, so gather them
+    gather = module.all_gather if trainer.world_size > 1 else (lambda t: t)
+    return {
+        "epoch": module.current_epoch,
+        # the index of the next training batch (the loader's own state says where the data continues)
+        "batch": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+        "world_size": trainer.world_size,
+        "state": None if state is None else gather(state),
+        "train_ppl": {k: gather(v) for k, v in module.train_nll.metric_state.items()},
+        **rng_states(module.device),  # dropout's; the partitions draw from their own seeded generators
+        "wandb_id": wandb_run_id(trainer.loggers),  # a resumed run continues this W&B run
+    }
+
+
+def resume(module: CharLM, saved: dict[str, Any], batch_idx: int) -> None:
+    """On the first batch after a resume: if it is the checkpoint's next batch, restore what resume_point saved."""
+    if (saved["epoch"], saved["batch"]) != (module.current_epoch, batch_idx):
+        return  # the checkpoint ended its epoch: the new epoch starts fresh
+    state, world = saved["state"], saved.get("world_size", 1)
+    if world != module.trainer.world_size:
+        log.warning("resumed on %d devices, saved on %d: state restarts", module.trainer.world_size, world)
+        return
+    mine = (lambda t: t[module.global_rank]) if world > 1 else (lambda t: t)  # this rank's share of a gathered one
+    module.state = None if state is None else mine(state).to(module.device)
+    for k, v in saved["train_ppl"].items():
+        setattr(module.train_nll, k, mine(v).to(module.device, getattr(module.train_nll, k).dtype))
+    restore_rng_states(saved, module.device)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -220,20 +217,17 @@ class CharLM(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.carry_state = carry_state
         self.state: torch.Tensor | None = None
-        self._resume: dict | None = None  # a mid-epoch checkpoint's carried state, applied at its next batch
+        self._resume: dict | None = None  # a mid-epoch checkpoint's resume_point, applied at its next batch
         self._train_state: torch.Tensor | None = None
-        self._logged_loss: torch.Tensor | None = None  # training_step's loss on a step the loggers write
         self.train_nll, self.val_nll, self.test_nll = TokenNLL(), TokenNLL(), TokenNLL()
-        self._epoch_tokens = 0  # this rank's training tokens this epoch, from batch shapes (no device op)
-        self._epoch_logged = False
-        self.throughput = Throughput()
-        self._peak_flops: int | None = None
+        self.throughput = Throughput(self.flops_per_token)
+        self.step_metrics = StepMetrics()
         self.sample = ""
 
     def __setattr__(self, name: str, value) -> None:
-        # Lightning names the running hook in `_current_fx_name` around every hook call, about 50 times a training
-        # step; nn.Module.__setattr__ spends ~2 us each checking whether a str is a Parameter, Module or buffer.
-        if name == "_current_fx_name":
+        # Lightning names the running hook in CURRENT_HOOK around every hook call, about 50 times a training step;
+        # nn.Module.__setattr__ spends ~2 us each checking whether a str is a Parameter, Module or buffer.
+        if name == CURRENT_HOOK:
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -251,6 +245,11 @@ class CharLM(L.LightningModule):
         """Whole-run training throughput: all ranks' tokens over the summed training time of all epochs."""
         return self.throughput.tokens_per_sec
 
+    def configure_callbacks(self) -> list[Callback]:
+        """Throughput (tokens/sec, train/mfu) and StepMetrics (train/loss, grad norm), once in each trainer: a second
+        run of the same trainer (its test after fit) keeps them, with no Lightning line about overriding them."""
+        return [cb for cb in (self.throughput, self.step_metrics) if cb not in self.trainer.callbacks]
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], carry: bool):
         X, Y = batch
         state = self.state if carry and self.state is not None and self.state.shape[1] == X.shape[0] else None
@@ -260,15 +259,6 @@ class CharLM(L.LightningModule):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1))
         return loss, logits
 
-    def on_fit_start(self) -> None:
-        # the device's peak FLOP/s in the compute dtype, for train/mfu; known for NVIDIA GPUs, None elsewhere
-        try:
-            from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype
-
-            self._peak_flops = peak_flops(self.device, _plugin_to_compute_dtype(self.trainer.precision_plugin))
-        except Exception:  # a precision plugin Lightning cannot map: no MFU, nothing else changes
-            self._peak_flops = None
-
     def on_train_start(self) -> None:
         # here, not in on_fit_start: Lightning restores a checkpoint's optimizer and scheduler between the two
         if self.trainer.ckpt_path is not None:
@@ -277,100 +267,40 @@ class CharLM(L.LightningModule):
                     log.info("resumed with %s from the command line", change)
         pin_memory(self.trainer.train_dataloader, self.device)
         pin_memory(self.trainer.val_dataloaders, self.device)
-        # a mid-epoch resume skips on_train_epoch_start: time that partial epoch from here
-        self._t0 = self._t1 = time.perf_counter()
-        self._epoch_tokens, self._epoch_logged = 0, False
 
     def on_train_epoch_start(self) -> None:
         self.state = None
-        self._t0 = self._t1 = time.perf_counter()
-        self._epoch_tokens, self._epoch_logged = 0, False
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if self._resume is not None:
-            self._apply_resume(batch_idx)
+            saved, self._resume = self._resume, None
+            resume(self, saved, batch_idx)
         loss, _ = self._step(batch, carry=self.carry_state)
-        n = batch[1].numel()
-        self.train_nll.update(loss, n)
-        self._epoch_tokens += n
-        if self.trainer._logger_connector.should_update_logs:  # written with the gradient norm, before the step
-            self._logged_loss = loss.detach()
+        self.train_nll.update(loss, batch[1].numel())
+        self.step_metrics.keep(self.trainer, loss)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self._t1 = time.perf_counter()
         if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # here, not in on_train_epoch_end: callbacks' on_train_epoch_end (ppl.png, the epoch line) run before
             # the module's and must see this epoch's figures; validation has not run yet
-            self._end_train_epoch()
-
-    def _end_train_epoch(self) -> None:
-        """Log train/ppl, train/bpc, train/tokens_per_sec (and train/mfu) for the epoch; add it to the run's."""
-        if self._epoch_logged or self.train_nll.update_count == 0:
-            return  # a resume from an epoch's end re-enters that epoch's end with no batch trained
-        self._epoch_logged = True
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # once an epoch: the time covers the epoch's queued kernels
-        self._t1 = time.perf_counter()
-        nll = self.train_nll.compute()  # sums over ranks
-        self.train_nll.reset()
-        rate = self.throughput.add(*self._gather_epoch(self._epoch_tokens, self._t1 - self._t0))
-        # the values are the same on every rank already: max over ranks keeps them exact and silences the hint
-        same = {"on_step": False, "on_epoch": True, "sync_dist": True, "reduce_fx": "max"}
-        self.log_dict({"train/ppl": nll.exp(), "train/tokens_per_sec": float(rate)}, prog_bar=True, **same)
-        self.log("train/bpc", nll / LN2, **same)
-        if self._peak_flops:
-            self.log("train/mfu", rate * self.flops_per_token / (self._peak_flops * self.trainer.world_size), **same)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """On the steps the loggers write: train/loss and the global L2 gradient norm before clipping (what
-        trainer.gradient_clip_val acts on), computed on the device (lightning's grad_norm() copies every norm to
-        the host: a GPU sync per parameter per step).
-
-        Handed to each logger directly, at Lightning's step and with its epoch key, not through self.log: its result
-        collection costs ~0.5 ms a call on a CPU (about 1 % of a d2l-sized run's time for these two keys), and these
-        are step values with nothing to reduce over steps or ranks. Nor through Lightning's logger connector, which
-        calls every logger's save() after each call (Lightning #4664, won't fix): CSVLogger would reopen and append
-        metrics.csv every logging step (~0.05 ms a step here, far more on a cluster's network file system) instead
-        of every `flush_logs_every_n_steps` steps; epoch ends, validation and the run's end still write it out.
-        """
-        trainer = self.trainer
-        if not trainer.loggers or not trainer._logger_connector.should_update_logs:
-            return
-        metrics = {} if self._logged_loss is None else {"train/loss": self._logged_loss}
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads:
-            metrics["train/grad_norm"] = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])
-            )
-        if not metrics:
-            return
-        values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one host read for all of them
-        scalars = dict(zip(metrics, values, strict=True)) | {"epoch": trainer.current_epoch}
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own step metrics get
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
-
-    def _gather_epoch(self, tokens: int, seconds: float) -> tuple[int, float]:
-        """All ranks' training tokens and the slowest rank's time: one all_gather on the module's device."""
-        if self.trainer.world_size == 1:
-            return tokens, seconds
-        here = torch.tensor([float(tokens), seconds], dtype=torch.float64, device=self.device)
-        everyone = self.all_gather(here).reshape(-1, 2).cpu()
-        return int(everyone[:, 0].sum()), float(everyone[:, 1].max())
+            self._log_nll("train", self.train_nll)
 
     def on_train_epoch_end(self) -> None:
         # an epoch that did not end at its last batch (max_steps): its figures, later than callbacks see them
-        self._end_train_epoch()
+        self._log_nll("train", self.train_nll)
 
     def _log_nll(self, stage: str, metric: TokenNLL) -> None:
-        """`{stage}/ppl` and `{stage}/bpc` from a TokenNLL (synced over ranks), then reset it."""
+        """`{stage}/ppl` and `{stage}/bpc` from a TokenNLL (synced over ranks), then reset it; nothing if it is empty
+        (an epoch's end that logged at its last batch, or a resume re-entering an epoch's end)."""
         if metric.update_count == 0:
             return
         nll = metric.compute()
         metric.reset()
-        self.log(f"{stage}/ppl", nll.exp(), on_epoch=True, sync_dist=True, reduce_fx="max", prog_bar=True)
-        self.log(f"{stage}/bpc", nll / LN2, on_epoch=True, sync_dist=True, reduce_fx="max")
+        # the values are the same on every rank already: max over ranks keeps them exact and silences the hint
+        same = {"on_step": False, "on_epoch": True, "sync_dist": True, "reduce_fx": "max"}
+        self.log(f"{stage}/ppl", nll.exp(), prog_bar=True, **same)
+        self.log(f"{stage}/bpc", nll / LN2, **same)
 
     def on_validation_epoch_start(self) -> None:
         self._train_state, self.state = self.state, None
@@ -410,44 +340,12 @@ class CharLM(L.LightningModule):
         self.state = self._train_state
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save what a mid-epoch resume needs to continue exactly: carried state, epoch's train metric, RNG."""
-        if self._trainer is None:
-            return
-        state = self._train_state if self.trainer.validating else self.state
-        if state is not None and self.trainer.world_size > 1:
-            # every rank carries its own rows; Lightning builds the checkpoint on all ranks, so gather them
-            state = self.all_gather(state)
-        checkpoint["gruexp_resume"] = {
-            "epoch": self.current_epoch,
-            # the index of the next training batch (the loader's own state says where the data continues)
-            "batch": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready,
-            "world_size": self.trainer.world_size,
-            "state": state,
-            "train_ppl": {
-                k: self.all_gather(v) if self.trainer.world_size > 1 else v
-                for k, v in self.train_nll.metric_state.items()
-            },
-            **rng_states(self.device),  # dropout's; the partitions draw from their own seeded generators
-            "wandb_id": wandb_run_id(self.trainer.loggers),  # a resumed run continues this W&B run
-        }
+        # a module hook, not a callback's: Lightning calls callbacks' on_save_checkpoint for full checkpoints only
+        if attached_trainer(self) is not None:
+            checkpoint[RESUME_KEY] = resume_point(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._resume = checkpoint.get("gruexp_resume")
-
-    def _apply_resume(self, batch_idx: int) -> None:
-        """On the first batch after a resume: if it is the checkpoint's next batch, restore the carried state."""
-        r, self._resume = self._resume, None
-        if (r["epoch"], r["batch"]) != (self.current_epoch, batch_idx):
-            return  # the checkpoint ended its epoch: the new epoch starts fresh
-        state, world = r["state"], r.get("world_size", 1)
-        if world != self.trainer.world_size:
-            log.warning("resumed on %d devices, saved on %d: state restarts", self.trainer.world_size, world)
-            return
-        mine = (lambda t: t[self.global_rank]) if world > 1 else (lambda t: t)  # this rank's share of a gathered one
-        self.state = None if state is None else mine(state).to(self.device)
-        for k, v in r["train_ppl"].items():
-            setattr(self.train_nll, k, mine(v).to(self.device, getattr(self.train_nll, k).dtype))
-        restore_rng_states(r, self.device)
+        self._resume = checkpoint.get(RESUME_KEY)
 
     @torch.no_grad()
     def predict(

@@ -1,0 +1,67 @@
+"""Every private Lightning name gruexp's module and callbacks use, each behind one small named function or class.
+
+They are pinned to the Lightning range in pyproject.toml (`lightning>=2.4,<2.7`): a release may move or rename any
+of them without notice, so tests/test_compat.py checks each one on a real Trainer and fails where one has gone.
+Lifting the pin means running that file first. Each is here because no public API gives the same thing:
+
+- should_update_logs: whether this step's metrics reach the loggers (`log_every_n_steps`, or the run stopping);
+  CharLM keeps its loss, and StepMetrics writes the gradient norm, only on those steps.
+- batches_that_stepped: the step number Lightning's own step metrics are logged at (global_step counts optimizer
+  steps, and differs from it under gradient accumulation and resumes).
+- attached_trainer: the module's trainer, or None outside one (`module.trainer` raises there).
+- CURRENT_HOOK: the attribute Lightning names the running hook in, about 50 times a training step.
+- RichBar: Lightning's Rich progress bar with its start, stop and epoch-description methods given public names.
+
+launch.py's DDP launcher and preflight.py's precision list use a few more private names; tests/test_compat.py checks
+those too.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+
+CURRENT_HOOK = "_current_fx_name"
+
+
+def should_update_logs(trainer: L.Trainer) -> bool:
+    """True on the training steps whose metrics Lightning writes to the loggers."""
+    return trainer._logger_connector.should_update_logs
+
+
+def batches_that_stepped(trainer: L.Trainer) -> int:
+    """The step Lightning logs its own training-step metrics at (batches that stepped the optimizer)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The trainer running `module`, or None when it runs in none (a bare module saved or loaded by hand)."""
+    return module._trainer
+
+
+class RichBar(RichProgressBar):
+    """Lightning's RichProgressBar whose private start, stop and train-description methods call public ones.
+
+    Subclasses override start_bar, stop_bar and train_description (calling super() for Lightning's behaviour).
+    """
+
+    def _init_progress(self, trainer: L.Trainer) -> None:
+        self.start_bar(trainer)
+
+    def _stop_progress(self) -> None:
+        self.stop_bar()
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return self.train_description(current_epoch)
+
+    def start_bar(self, trainer: L.Trainer) -> None:
+        """Start the live bar (each stage calls this; Lightning starts it once until it is stopped)."""
+        super()._init_progress(trainer)
+
+    def stop_bar(self) -> None:
+        """Stop the live bar."""
+        super()._stop_progress()
+
+    def train_description(self, current_epoch: int) -> str:
+        """The text left of the training bar, for the 0-based `current_epoch`."""
+        return super()._get_train_description(current_epoch)
