@@ -203,10 +203,10 @@ class StepMetrics(Callback):
     a GPU sync per parameter per step). The module hands its loss over with keep().
 
     Handed to each logger directly, at Lightning's step and with its epoch key, not through self.log: its result
-    collection costs ~0.5 ms a call on a CPU (about 1 % of a d2l-sized run's time for these two keys), and these are
-    step values with nothing to reduce over steps or ranks. Nor through Lightning's logger connector, which calls
+    collection costs a measurable share of a small model's step (docs/precision.md), and these are step values with
+    nothing to reduce over steps or ranks. Nor through Lightning's logger connector, which calls
     every logger's save() after each call (Lightning #4664, won't fix): CSVLogger would reopen and append metrics.csv
-    every logging step (~0.05 ms a step here, far more on a cluster's network file system) instead of every
+    every logging step (slow on a cluster's network file system) instead of every
     `flush_logs_every_n_steps` steps; epoch ends, validation and the run's end still write it out.
     """
 
