@@ -10,7 +10,7 @@ import warnings
 
 import lightning as L
 import pytest
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 from hydra.utils import instantiate
 
 from gruexp.callbacks import MetricsBar

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from helpers import TINY, rank_lines, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from gruexp.data import StreamSampler
 from gruexp.generate import load
 from gruexp.train import train
-
-DIGEST = re.compile(r"rank (\d)/(\d) config ([0-9a-f]{12}) (.*)$", re.M)
-
-
-def rank_lines(job: Path) -> dict[int, tuple[str, str]]:
-    """Each rank's `rank r/w config <digest> <keys>` line, from rank 0's log and the other ranks' logs."""
-    found = {}
-    for log in job.glob("*.log"):
-        for rank, _, digest, keys in DIGEST.findall(log.read_text()):
-            found[int(rank)] = (digest, keys)
-    return found
 
 
 def test_rank_streams_are_contiguous_and_split_the_global_batch():

@@ -1,56 +1,25 @@
 """Reliability: exact resume after an interruption, bad input as one line, divergence, no hangs (issue 6).
 
-Faults are injected through the config with tests/inject.py (+callbacks.x._target_=inject.SignalAt ...).
+Faults are injected through the config with tests/inject.py (+callbacks.x._target_=helpers.inject.SignalAt ...).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
 import math
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_cli
-from hydra.core.global_hydra import GlobalHydra
+from helpers import ROOT, TINY, assert_one_line_error, run_cli, run_main
 
 from gruexp.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from gruexp.train import train
 
 TESTS = str(Path(__file__).resolve().parent)
 EXACT = ["model=torch", "trainer.accelerator=cpu", "trainer.deterministic=true", "trainer.max_epochs=3"]
-
-
-def run_main(capfd, module: str, *args: str) -> tuple[int, str]:
-    """Run a Hydra entry point in this process as the CLI would (sys.argv), return (exit code, its output)."""
-    # imported (not __main__), Hydra would look for conf/ as a package: point it at the folder
-    argv, sys.argv = sys.argv, [module, "--config-path", str(ROOT / "conf"), *args]
-    GlobalHydra.instance().clear()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        importlib.import_module(module).main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
-        root.handlers[:], root.level = handlers, level  # Hydra's handlers hold this test's captured streams
-    out = capfd.readouterr()
-    return code, out.out + out.err
-
-
-def assert_one_line_error(code: int, output: str, message: str) -> None:
-    assert code != 0
-    assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
-    lines = [line for line in output.splitlines() if message in line]
-    assert lines, output[-2000:]
 
 
 # --- exact resume ---------------------------------------------------------------------------------------------
@@ -70,7 +39,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(make_cfg, tmp_path, 
         uninterrupted[partition] = train(make_cfg(*common, out=tmp_path / "full"))
     full = uninterrupted[partition]
     if where == "mid-epoch":  # SIGTERM, as SLURM sends, after step 50: 37 batches an epoch, so inside the second
-        kill = ["+callbacks.kill._target_=inject.SignalAt", "+callbacks.kill.step=50"]
+        kill = ["+callbacks.kill._target_=helpers.inject.SignalAt", "+callbacks.kill.step=50"]
         with pytest.raises(SystemExit) as e:
             train(make_cfg(*common, *kill, out=tmp_path / "a"))
         assert e.value.code == 128 + 15
@@ -87,13 +56,13 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(make_cfg, tmp_path, 
 
 @pytest.fixture
 def inject_path(monkeypatch):
-    """Let the CLI processes a test starts import tests/inject.py."""
+    """Let the CLI processes a test starts import tests/helpers/inject.py."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
 
 
 def test_sigint_from_cli_saves_last_and_ckpt_path_last_resumes_in_a_new_folder(tmp_path, inject_path, corpus_path):
     runs = tmp_path / "runs"
-    kill = ["+callbacks.kill._target_=inject.SignalAt", "+callbacks.kill.step=20", "+callbacks.kill.signum=SIGINT"]
+    kill = ["+callbacks.kill._target_=helpers.inject.SignalAt", "+callbacks.kill.step=20", "+callbacks.kill.signum=SIGINT"]
     r = run_cli("gruexp.train", *TINY, *kill, f"hydra.run.dir={runs / 'a'}")
     assert r.returncode == 130, r.stderr[-2000:]
     assert "SIGINT: finishing the current batch, saving last.ckpt" in r.stdout + r.stderr
@@ -114,7 +83,7 @@ def test_a_signal_while_the_best_checkpoint_is_tested_ends_interrupted_with_a_su
     tmp_path, inject_path, corpus_path, signum
 ):
     # Lightning turns Ctrl+C during trainer.test into sys.exit(1): the run left no summary.json, and exited 1
-    kill = ["+callbacks.kill._target_=inject.SignalInTest", f"+callbacks.kill.signum={signum}"]
+    kill = ["+callbacks.kill._target_=helpers.inject.SignalInTest", f"+callbacks.kill.signum={signum}"]
     r = run_cli("gruexp.train", *TINY, *kill, f"hydra.run.dir={tmp_path / 'a'}")
     assert r.returncode == 128 + getattr(signal, signum), r.stderr[-2000:]
     assert (r.stdout + r.stderr).count(f"{signum} while testing the best checkpoint: stopping") == 1
@@ -127,7 +96,7 @@ def test_a_signal_while_the_best_checkpoint_is_tested_ends_interrupted_with_a_su
 
 def test_sigint_while_a_run_sets_up_ends_interrupted_with_a_summary(tmp_path, inject_path, corpus_path):
     # before the trainer exists (the corpus being encoded): the run left no summary.json and a traceback
-    r = run_cli("gruexp.train", *TINY, "data._target_=inject.SignalOnSetup", f"hydra.run.dir={tmp_path / 'a'}")
+    r = run_cli("gruexp.train", *TINY, "data._target_=helpers.inject.SignalOnSetup", f"hydra.run.dir={tmp_path / 'a'}")
     assert r.returncode == 130 and "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "error" not in summary and "val_ppl" not in summary
@@ -292,7 +261,7 @@ def test_ddp_rank_that_raises_ends_the_whole_job(tmp_path, inject_path, corpus_p
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "+trainer.strategy=ddp",
-        "+callbacks.fail._target_=inject.RaiseAt",
+        "+callbacks.fail._target_=helpers.inject.RaiseAt",
         "+callbacks.fail.step=3",
         "+callbacks.fail.rank=1",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -308,7 +277,7 @@ def test_ddp_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, inject
     ddp = [*TINY, *EXACT, "trainer.max_epochs=2", "trainer.devices=2", "+trainer.strategy=ddp"]
     runs = tmp_path / "runs"
     assert run_cli("gruexp.train", *ddp, f"hydra.run.dir={runs / 'full'}", timeout=180).returncode == 0
-    kill = ["+callbacks.kill._target_=inject.SignalAt", "+callbacks.kill.step=20"]  # rank 0 only
+    kill = ["+callbacks.kill._target_=helpers.inject.SignalAt", "+callbacks.kill.step=20"]  # rank 0 only
     r = run_cli("gruexp.train", *ddp, *kill, f"hydra.run.dir={runs / 'a'}", timeout=180)
     assert r.returncode == 128 + 15, r.stderr[-2000:]
     r = run_cli("gruexp.train", *ddp, f"ckpt_path={runs / 'a'}", f"hydra.run.dir={runs / 'b'}", timeout=180)

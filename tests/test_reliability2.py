@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_cli
-from test_reliability import assert_one_line_error, run_main
+from helpers import ROOT, TINY, assert_one_line_error, run_cli, run_main
 
 from gruexp import UserError
 from gruexp.checkpoints import AtomicCheckpointIO

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 from optuna.trial import TrialState
 
 from gruexp import UserError
@@ -323,7 +323,7 @@ def test_a_read_only_cache_folder_is_one_line_naming_it_and_the_way_elsewhere(tm
 
 @pytest.fixture
 def inject_env(monkeypatch, tmp_path):
-    """CLI runs that import tests/inject.py and encode into their own, empty token cache."""
+    """CLI runs that import tests/helpers/inject.py and encode into their own, empty token cache."""
     tests = str(Path(__file__).resolve().parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -333,7 +333,7 @@ def test_sigterm_while_the_corpus_is_encoded_ends_interrupted_and_leaves_no_part
     tmp_path, inject_env, corpus_path
 ):
     run = tmp_path / "run"
-    r = run_cli("gruexp.train", *TINY, "data._target_=inject.SignalWhileEncoding", f"hydra.run.dir={run}")
+    r = run_cli("gruexp.train", *TINY, "data._target_=helpers.inject.SignalWhileEncoding", f"hydra.run.dir={run}")
     assert r.returncode == 143 and "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
     out = r.stdout + r.stderr
     assert out.count("SIGTERM while setting up: stopping") == 1
@@ -358,7 +358,7 @@ def test_a_partial_token_file_of_a_killed_encoder_is_removed_by_the_next_run(own
 
 def test_sigterm_during_the_last_validation_ends_interrupted_without_testing(tmp_path, inject_env, corpus_path):
     run = tmp_path / "run"
-    kill = ["+callbacks.kill._target_=inject.SignalInLastValidation"]
+    kill = ["+callbacks.kill._target_=helpers.inject.SignalInLastValidation"]
     r = run_cli("gruexp.train", *TINY, *kill, "logger=csv", f"hydra.run.dir={run}")
     assert r.returncode == 143, r.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -389,7 +389,7 @@ def test_the_data_options_table_in_usage_md_gives_the_configs_defaults():
     # issue 25: the table said 10 % validation while the config holds 5 % + 5 % test
     import re
 
-    from conftest import CONF, ROOT
+    from helpers import CONF, ROOT
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -440,7 +440,7 @@ def test_a_sweep_jobs_line_hides_hydras_overrides_and_rounds_optunas_floats():
 def test_an_interrupted_run_draws_its_plot_and_the_resumed_run_continues_its_curve_and_wandb_run(
     tmp_path, inject_env, corpus_path
 ):
-    kill = ["+callbacks.kill._target_=inject.SignalAt", "+callbacks.kill.step=50"]  # in epoch 2 of TINY's 37-batch
+    kill = ["+callbacks.kill._target_=helpers.inject.SignalAt", "+callbacks.kill.step=50"]  # in epoch 2 of TINY's 37-batch
     a, b = tmp_path / "a", tmp_path / "b"
     r = run_cli("gruexp.train", *TINY, *kill, f"hydra.run.dir={a}")
     assert r.returncode == 143, r.stderr[-2000:]

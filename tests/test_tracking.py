@@ -7,7 +7,7 @@ import logging
 import math
 
 import pytest
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 from gruexp import UserError
 from gruexp.tracking import logged_in, offline_runs, read_run, wandb_mode

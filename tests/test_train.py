@@ -9,7 +9,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 from gruexp.generate import generate, load
 from gruexp.train import train
