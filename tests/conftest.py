@@ -79,3 +79,28 @@ def make_cfg(tmp_path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+@pytest.fixture
+def inject_path(monkeypatch):
+    """Let the CLI processes a test starts import tests/helpers/inject.py."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture
+def inject_env(monkeypatch, tmp_path):
+    """CLI runs that import tests/helpers/inject.py and encode into their own, empty token cache."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def first_run(make_cfg, tmp_path, corpus_path) -> Path:
+    """A finished 1-epoch fused run in tmp_path/runs/a, which the resume, checkpoint and bad-input tests start from."""
+    from gruexp.train import train
+
+    train(make_cfg("model=fused", "trainer.max_epochs=1", "logger=csv", out=tmp_path / "runs" / "a"))
+    return tmp_path / "runs" / "a"

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import lightning as L
 import pytest
-from helpers import TINY, run_cli
+from helpers import SGD, TINY, run_cli
 from hydra.utils import instantiate
 
 from gruexp.callbacks import MetricsBar
@@ -171,3 +174,50 @@ def test_bar_fits_120_columns_with_epoch_step_ppl_and_tokens(make_cfg, tmp_path)
         r"Epoch 2/2 ━+ \d+/\d+ [\d:]+ • [\d:]+ train_ppl: \d+\.\d{3} val_ppl: \d+\.\d{3} tok/s: \d{1,3}(,\d{3})+",
         frames[-1],
     )
+
+
+def test_help_is_printed_without_importing_torch_or_lightning(tmp_path):
+    # issue 25: `--help` took 8 s of CPU, importing torch and Lightning (also through Hydra's plugin scan)
+    r = run_cli("gruexp.train", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "== Configuration groups ==" in r.stdout and "model: fused, scratch, torch" in r.stdout
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "gruexp.train", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and not {"torch", "lightning"} & imported
+
+
+def test_a_run_on_a_busy_machine_says_so_once_with_the_slowdown(make_cfg, tmp_path, caplog, monkeypatch):
+    from gruexp import threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert threads.busy_machine(threads=1) is None  # idle
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 2.5, 2.0))  # three runnable processes on 2 cores already
+    assert threads.busy_machine(threads=1) == (
+        "this machine is busy: load average 3.0 on 2 cores before this run started; expect it to run about 2.0x "
+        "slower than on an idle machine"
+    )
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        summary = train(make_cfg(*SGD, out=tmp_path / "a"))
+    assert caplog.text.count("this machine is busy: load average 3.0 on 2 cores") == 1
+    assert summary["load_at_start"] == 3.0
+
+
+def test_a_sweep_jobs_line_hides_hydras_overrides_and_rounds_optunas_floats():
+    from gruexp.console import brief_overrides
+
+    overrides = [
+        "optimizer.lr=1.815188036606585",
+        "trainer.gradient_clip_val=1",
+        "model=torch",
+        "hydra.sweeper.study_name=s",
+        '++hydra.job.env_set.GRUEXP_OPTUNA_TRIAL=\'{"study":"s"}\'',
+    ]
+    assert brief_overrides(overrides) == "optimizer.lr=1.815 trainer.gradient_clip_val=1 model=torch"

@@ -25,6 +25,10 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
+ONE_EPOCH = [*TINY, "trainer.max_epochs=1", "logger=csv"]
+# the same numbers from the same seed, however the run was cut: what the exact-resume tests compare
+EXACT = ["model=torch", "trainer.accelerator=cpu", "trainer.deterministic=true", "trainer.max_epochs=3"]
+SGD = ["model=torch", "trainer.accelerator=cpu", "trainer.max_epochs=1", "optimizer.lr=1.0"]
 
 
 def run_cli(module: str, *args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -38,6 +42,16 @@ def run_cli(module: str, *args: str, cwd: Path = ROOT, timeout: float = 300) -> 
         text=True,
         timeout=timeout,
     )
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of `python -m gruexp.train args`, for tests that start the process themselves (Popen)."""
+    return [sys.executable, "-m", "gruexp.train", *args]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment run_cli gives its process: output unbuffered, Hydra's one-line errors."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
 
 
 def run_main(capfd, module: str, *args: str) -> tuple[int, str]:
@@ -66,6 +80,12 @@ def assert_one_line_error(code: int, output: str, message: str) -> None:
     assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
     lines = [line for line in output.splitlines() if message in line]
     assert lines, output[-2000:]
+
+
+def error_lines(r: subprocess.CompletedProcess) -> list[str]:
+    """The lines of a CLI run's output that start with Error, asserting it printed no traceback."""
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
 
 
 DIGEST = re.compile(r"rank (\d)/(\d) config ([0-9a-f]{12}) (.*)$", re.M)
