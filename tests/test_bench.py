@@ -81,7 +81,7 @@ def test_flops_per_token_matches_charlm():
     for H in (16, 256, 1024):
         model = CharLM("torch", hidden_size=H, vocab=vocab)
         assert benchlib.train_flops_per_token(28, H) == model.flops_per_token
-    # the formula at the d2l shape: forward 2*3H*(H+V) + 2*H*V, training three times that
+    # the FLOPs at the d2l shape: forward 2*3H*(H+V) + 2*H*V, training three times that
     assert forward_flops_per_token(28, 256) == 2 * 3 * 256 * 284 + 2 * 256 * 28
 
 

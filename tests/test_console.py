@@ -20,7 +20,7 @@ from gruexp.callbacks import MetricsBar
 from gruexp.console import quiet
 from gruexp.train import train
 
-# Lines a run must not print (item 4 of issue 12), each a fragment of the message Lightning or torch writes.
+# Lines a run must not print, each a fragment of the message Lightning or torch writes.
 NOISE = [
     "GPU available",
     "TPU available",
@@ -100,7 +100,7 @@ def test_quiet_keeps_other_warnings():
         warnings.warn("It is recommended to use `self.log('val/ppl', ..., sync_dist=True)`", UserWarning, stacklevel=1)
         warnings.warn("torch.distributed.nn.functional.all_gather is deprecated, use x instead.", FutureWarning, 1)
         warnings.warn("The dirpath has changed", DeprecationWarning, stacklevel=1)  # another category: kept
-        warnings.warn(  # every GPU run on a machine of more than 2 cores (an H200's: 16)
+        warnings.warn(  # every GPU run on a machine of more than 2 cores
             "The 'train_dataloader' does not have many workers which may be a bottleneck. Consider ...", UserWarning, 1
         )
     assert [str(w.message) for w in seen] == [
@@ -177,7 +177,7 @@ def test_bar_fits_120_columns_with_epoch_step_ppl_and_tokens(make_cfg, tmp_path)
 
 
 def test_help_is_printed_without_importing_torch_or_lightning(tmp_path):
-    # issue 25: `--help` took 8 s of CPU, importing torch and Lightning (also through Hydra's plugin scan)
+    # `--help` must not pay for importing torch and Lightning, which Hydra's plugin scan reaches too
     r = run_cli("gruexp.train", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "== Configuration groups ==" in r.stdout and "model: fused, scratch, torch" in r.stdout
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

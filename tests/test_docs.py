@@ -62,7 +62,7 @@ def test_a_documented_command_composes(where, entry, args):
 
 
 def test_the_data_options_table_in_usage_md_gives_the_configs_defaults():
-    # issue 25: the table said 10 % validation while the config holds 5 % + 5 % test
+    # the table is written by hand and the defaults live in conf/: a changed default must change it too
     import re
 
     from helpers import CONF, ROOT

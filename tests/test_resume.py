@@ -259,7 +259,7 @@ def test_an_interrupted_run_draws_its_plot_and_the_resumed_run_continues_its_cur
     kill = [
         "+callbacks.kill._target_=helpers.inject.SignalAt",
         "+callbacks.kill.step=50",
-    ]  # in epoch 2 of TINY's 37-batch
+    ]  # in epoch 2 of TINY's 37-batch epochs
     a, b = tmp_path / "a", tmp_path / "b"
     r = run_cli("gruexp.train", *TINY, *kill, f"hydra.run.dir={a}")
     assert r.returncode == 143, r.stderr[-2000:]

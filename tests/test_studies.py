@@ -30,7 +30,7 @@ SEARCH = [
 def test_a_damaged_journal_is_refused_untouched_and_the_line_says_how_to_keep_its_trials(tmp_path, corpus_path):
     first = run_cli("gruexp.train", *SEARCH, "hydra.sweeper.n_trials=1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    said = first.stdout + first.stderr  # issue 25: Optuna's INFO lines, the trial's internals, Lightning's tip
+    said = first.stdout + first.stderr  # none of Optuna's INFO lines, the trial's internals, Lightning's tip
     assert "A new study created" not in said and "++hydra" not in said and "smaller than the logging" not in said
     assert "\t#0 : optimizer.lr=" in said and not re.search(r"\d\.\d{8,}", said)  # Optuna's 16 digits: 4
     journal = tmp_path / "outputs" / "train" / "optuna" / "s" / "optuna.journal"

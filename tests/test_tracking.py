@@ -174,7 +174,7 @@ def test_step_metrics_reach_csv_every_flush_not_every_logging_step(tmp_path):
 
 
 def test_the_epoch_lines_tokens_per_sec_is_the_epochs_value_in_the_csv(make_cfg, tmp_path, caplog):
-    # issue 25: the console's figure was the run's so far while CSV and W&B held each epoch's, under one name
+    # one name, one value: the console's figure is each epoch's, as CSV and W&B hold it, not the run's so far
     import csv
 
     with caplog.at_level(logging.INFO, logger="gruexp"):
