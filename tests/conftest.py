@@ -7,19 +7,15 @@ import os
 # Before torch, lightning or gruexp are imported: numpy's OpenBLAS sizes its thread pool at load.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONF, ROOT, TINY
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 
 
 def _data_dir() -> Path:
@@ -41,17 +37,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # processes (DDP) on 2 cores must not oversubscribe them (OpenMP's spin-waits then slow everything 100-fold).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-# A run that takes seconds on 2 cores: small model, the first 3000 characters, 2 epochs.
-TINY = [
-    "model.hidden_size=16",
-    "data.max_tokens=3000",
-    "data.batch_size=8",
-    "data.num_steps=10",
-    "trainer.max_epochs=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -96,23 +81,26 @@ def make_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_cli(module: str, *args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m module args` as a user would, capturing its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+TESTS = str(Path(__file__).resolve().parent)
 
 
-def outputs_and_grads(net: torch.nn.Module, x: torch.Tensor, h0: torch.Tensor) -> list[torch.Tensor]:
-    """logits, state and the gradients of h0 and every parameter, for a loss touching all outputs."""
-    net.zero_grad()
-    s = h0.clone().requires_grad_()
-    logits, state = net(x, s)
-    (logits.square().mean() + state.sum()).backward()
-    return [logits, state, s.grad, *(p.grad.clone() for p in net.parameters())]
+@pytest.fixture
+def inject_path(monkeypatch):
+    """Let the CLI processes a test starts import tests/helpers/inject.py."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture
+def inject_env(monkeypatch, tmp_path):
+    """CLI runs that import tests/helpers/inject.py and encode into their own, empty token cache."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def first_run(make_cfg, tmp_path, corpus_path) -> Path:
+    """A finished 1-epoch fused run in tmp_path/runs/a, which the resume, checkpoint and bad-input tests start from."""
+    from gruexp.train import train
+
+    train(make_cfg("model=fused", "trainer.max_epochs=1", "logger=csv", out=tmp_path / "runs" / "a"))
+    return tmp_path / "runs" / "a"

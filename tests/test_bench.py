@@ -8,32 +8,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import benchlib
+from helpers import ROOT, TINY_BENCH, run_bench
 
 from gruexp.models import MODEL_NAMES, forward_flops_per_token
 from gruexp.module import CharLM
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_BENCH = [
-    "--shapes", "4x16,8x24",
-    "--steps", "3", "--warmup", "1", "--round", "2",
-    "--infer-tokens", "6", "--infer-chunk", "3",
-    "--threads", "1", "--gemm-size", "64",
-]  # fmt: skip
-
-
-def run_bench(*args: str, env: dict[str, str] | None = None, script: str = "bench.py") -> subprocess.CompletedProcess:
-    """python scripts/bench.py args (or another `script` of scripts/), as a user runs it."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
 
 
 def test_bench_writes_every_variant_and_shape(tmp_path):
@@ -101,7 +81,7 @@ def test_flops_per_token_matches_charlm():
     for H in (16, 256, 1024):
         model = CharLM("torch", hidden_size=H, vocab=vocab)
         assert benchlib.train_flops_per_token(28, H) == model.flops_per_token
-    # the issue's formula at the d2l shape: forward 2*3H*(H+V) + 2*H*V, training three times that
+    # the FLOPs at the d2l shape: forward 2*3H*(H+V) + 2*H*V, training three times that
     assert forward_flops_per_token(28, 256) == 2 * 3 * 256 * 284 + 2 * 256 * 28
 
 

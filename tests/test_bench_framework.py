@@ -9,8 +9,8 @@ import bench_framework
 import benchlib
 import pytest
 import torch
+from helpers import run_bench
 from lightning.pytorch.callbacks import Callback
-from test_bench import run_bench
 
 from gruexp.module import CharLM
 

@@ -179,7 +179,7 @@ def test_one_process_checks_only_every_log_every_n_steps_and_at_epoch_ends(make_
 @pytest.mark.parametrize("every", [1, 1000])
 def test_divergence_inside_a_check_window_names_its_step_and_saves_nothing_bad(tmp_path, make_cfg, every, corpus_path):
     # epoch 0 trains at lr 1, then StepLR multiplies it by 1e6 and epoch 1 diverges at step 38 (see
-    # test_reliability): with a check every step and with one window spanning the whole epoch alike
+    # test_divergence): with a check every step and with one window spanning the whole epoch alike
     sched = "scheduler={_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 1, gamma: 1e6}"
     cfg = make_cfg("logger=csv", sched, "trainer.gradient_clip_val=null", f"trainer.log_every_n_steps={every}")
     with pytest.raises(Diverged, match=r"at step 38 \(epoch 1\)"):
@@ -191,7 +191,7 @@ def test_divergence_inside_a_check_window_names_its_step_and_saves_nothing_bad(t
 
 
 def test_ddp_wraps_the_model_on_the_stream_its_steps_run_on(monkeypatch):
-    """Lightning 2.6 wraps a GPU model in DDP inside a new CUDA stream; on an H200 torch then warned, every run, that
+    """Lightning 2.6 wraps a GPU model in DDP inside a new CUDA stream; torch then warns, every run, that
     DDP's AccumulateGrad nodes sit on another stream than the backward. gruexp's `ddp` wraps it where it stands. No
     GPU here: fakes record the stream calls and DDP's arguments (NCCL and CUDA streams cannot run on this machine)."""
     from lightning.pytorch.strategies import ddp as lightning_ddp

@@ -5,19 +5,22 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import lightning as L
 import pytest
-from conftest import TINY, run_cli
+from helpers import SGD, TINY, run_cli
 from hydra.utils import instantiate
 
 from gruexp.callbacks import MetricsBar
 from gruexp.console import quiet
 from gruexp.train import train
 
-# Lines a run must not print (item 4 of issue 12), each a fragment of the message Lightning or torch writes.
+# Lines a run must not print, each a fragment of the message Lightning or torch writes.
 NOISE = [
     "GPU available",
     "TPU available",
@@ -97,7 +100,7 @@ def test_quiet_keeps_other_warnings():
         warnings.warn("It is recommended to use `self.log('val/ppl', ..., sync_dist=True)`", UserWarning, stacklevel=1)
         warnings.warn("torch.distributed.nn.functional.all_gather is deprecated, use x instead.", FutureWarning, 1)
         warnings.warn("The dirpath has changed", DeprecationWarning, stacklevel=1)  # another category: kept
-        warnings.warn(  # every GPU run on a machine of more than 2 cores (an H200's: 16)
+        warnings.warn(  # every GPU run on a machine of more than 2 cores
             "The 'train_dataloader' does not have many workers which may be a bottleneck. Consider ...", UserWarning, 1
         )
     assert [str(w.message) for w in seen] == [
@@ -171,3 +174,50 @@ def test_bar_fits_120_columns_with_epoch_step_ppl_and_tokens(make_cfg, tmp_path)
         r"Epoch 2/2 ━+ \d+/\d+ [\d:]+ • [\d:]+ train_ppl: \d+\.\d{3} val_ppl: \d+\.\d{3} tok/s: \d{1,3}(,\d{3})+",
         frames[-1],
     )
+
+
+def test_help_is_printed_without_importing_torch_or_lightning(tmp_path):
+    # `--help` must not pay for importing torch and Lightning, which Hydra's plugin scan reaches too
+    r = run_cli("gruexp.train", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "== Configuration groups ==" in r.stdout and "model: fused, scratch, torch" in r.stdout
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "gruexp.train", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and not {"torch", "lightning"} & imported
+
+
+def test_a_run_on_a_busy_machine_says_so_once_with_the_slowdown(make_cfg, tmp_path, caplog, monkeypatch):
+    from gruexp import threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert threads.busy_machine(threads=1) is None  # idle
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 2.5, 2.0))  # three runnable processes on 2 cores already
+    assert threads.busy_machine(threads=1) == (
+        "this machine is busy: load average 3.0 on 2 cores before this run started; expect it to run about 2.0x "
+        "slower than on an idle machine"
+    )
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        summary = train(make_cfg(*SGD, out=tmp_path / "a"))
+    assert caplog.text.count("this machine is busy: load average 3.0 on 2 cores") == 1
+    assert summary["load_at_start"] == 3.0
+
+
+def test_a_sweep_jobs_line_hides_hydras_overrides_and_rounds_optunas_floats():
+    from gruexp.console import brief_overrides
+
+    overrides = [
+        "optimizer.lr=1.815188036606585",
+        "trainer.gradient_clip_val=1",
+        "model=torch",
+        "hydra.sweeper.study_name=s",
+        '++hydra.job.env_set.GRUEXP_OPTUNA_TRIAL=\'{"study":"s"}\'',
+    ]
+    assert brief_overrides(overrides) == "optimizer.lr=1.815 trainer.gradient_clip_val=1 model=torch"

@@ -1,4 +1,4 @@
-"""Corpora, tokenizers, checksums, downloads and the token-file cache (issue 16), on files the tests build.
+"""Corpora, tokenizers, checksums, downloads and the token-file cache, on files the tests build.
 
 No machine here can download: text8- and enwik8-shaped zips and a Shakespeare-like text are made here, a local
 HTTP server stands in for the download, and one test reads the real tiny Shakespeare from $GRUEXP_DATA_DIR.

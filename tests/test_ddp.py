@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from helpers import EXACT, TINY, rank_lines, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from gruexp.data import StreamSampler
 from gruexp.generate import load
 from gruexp.train import train
-
-DIGEST = re.compile(r"rank (\d)/(\d) config ([0-9a-f]{12}) (.*)$", re.M)
-
-
-def rank_lines(job: Path) -> dict[int, tuple[str, str]]:
-    """Each rank's `rank r/w config <digest> <keys>` line, from rank 0's log and the other ranks' logs."""
-    found = {}
-    for log in job.glob("*.log"):
-        for rank, _, digest, keys in DIGEST.findall(log.read_text()):
-            found[int(rank)] = (digest, keys)
-    return found
 
 
 def test_rank_streams_are_contiguous_and_split_the_global_batch():
@@ -95,3 +82,57 @@ def test_two_processes_train_like_one_and_rank_zero_writes(tmp_path, make_cfg, c
     assert one["global_step"] == summary["global_step"]
     assert one["val_ppl"] == pytest.approx(summary["val_ppl"], rel=1e-4)
     assert one["train_ppl"] == pytest.approx(summary["train_ppl"], rel=1e-4)  # reduced over both ranks
+
+
+# --- faults: no hang, bad input said once -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_rank_that_raises_ends_the_whole_job(tmp_path, inject_path, corpus_path):
+    r = run_cli(
+        "gruexp.train",
+        *TINY,
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "+callbacks.fail._target_=helpers.inject.RaiseAt",
+        "+callbacks.fail.step=3",
+        "+callbacks.fail.rank=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=180,
+    )  # a hang would be a TimeoutExpired
+    assert r.returncode != 0
+    assert "injected failure in rank 1 at step 3" in r.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, inject_path, corpus_path):
+    ddp = [*TINY, *EXACT, "trainer.max_epochs=2", "trainer.devices=2", "+trainer.strategy=ddp"]
+    runs = tmp_path / "runs"
+    assert run_cli("gruexp.train", *ddp, f"hydra.run.dir={runs / 'full'}", timeout=180).returncode == 0
+    kill = ["+callbacks.kill._target_=helpers.inject.SignalAt", "+callbacks.kill.step=20"]  # rank 0 only
+    r = run_cli("gruexp.train", *ddp, *kill, f"hydra.run.dir={runs / 'a'}", timeout=180)
+    assert r.returncode == 128 + 15, r.stderr[-2000:]
+    r = run_cli("gruexp.train", *ddp, f"ckpt_path={runs / 'a'}", f"hydra.run.dir={runs / 'b'}", timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    full, cut, resumed = (json.loads((runs / n / "summary.json").read_text()) for n in ("full", "a", "b"))
+    assert (cut["status"], cut["global_step"], cut["world_size"]) == ("interrupted", 21, 2)
+    assert resumed["val_ppl"] == pytest.approx(full["val_ppl"], abs=1e-6)
+    assert resumed["train_ppl"] == pytest.approx(full["train_ppl"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_bad_input_is_said_once(tmp_path, corpus_path):
+    r = run_cli(
+        "gruexp.train",
+        *TINY,
+        "data.batch_size=3",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        timeout=180,
+    )
+    assert r.returncode == 2
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if "data.batch_size=3" in line and "ERROR" in line]
+    assert len(lines) == 1, r.stdout + r.stderr

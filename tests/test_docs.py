@@ -7,7 +7,7 @@ import re
 import shlex
 
 import pytest
-from conftest import CONF, ROOT
+from helpers import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -59,3 +59,22 @@ def test_a_documented_command_composes(where, entry, args):
             compose(entry, overrides=_one_job(args), return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
+
+
+def test_the_data_options_table_in_usage_md_gives_the_configs_defaults():
+    # the table is written by hand and the defaults live in conf/: a changed default must change it too
+    import re
+
+    from helpers import CONF, ROOT
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train")
+    GlobalHydra.instance().clear()
+    rows = re.findall(r"^\| `data\.(\w+)` \| ([^|]+?) \|", (ROOT / "docs" / "usage.md").read_text(), re.MULTILINE)
+    assert {k for k, _ in rows} >= {"batch_size", "num_steps", "max_tokens", "val_fraction", "test_fraction"}
+    for key, documented in rows:
+        value = cfg.data[key]
+        assert documented == ("null" if value is None else str(value)), f"docs/usage.md: data.{key}"

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from gruexp import UserError
 from gruexp.evaluate import evaluate

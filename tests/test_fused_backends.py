@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import outputs_and_grads
+from helpers import outputs_and_grads
 
 from gruexp import UserError
 from gruexp.models import FusedGRU, GRURecurrence, build_model, choose_backend, gru_cpu, gru_ops

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
-from test_bench import TINY_BENCH, run_bench
+from helpers import ROOT, TINY_BENCH, run_bench
 
 from gruexp.train import train
 

@@ -1,7 +1,7 @@
 """hydra/launcher=local: CPU threads per job and per DDP rank, and the GPU pool (given device ids, tested on CPU).
 
-Real submitit local jobs throughout. The pool tests run tests/launcher_app.py, a tiny Hydra app whose jobs record
-what their process sees (torch threads, OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES, start and end times).
+Real submitit local jobs throughout. The pool tests run tests/helpers/launcher_app.py, a tiny Hydra app whose jobs
+record what their process sees (torch threads, OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES, start and end times).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONF, TINY
+from helpers import CONF, TINY
 
 from gruexp.threads import threads_per_process, usable_cores
 from hydra_plugins.gruexp_plugins.launcher import DevicePool
 
-APP = Path(__file__).with_name("launcher_app.py")
+APP = Path(__file__).parent / "helpers" / "launcher_app.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
 THREADS_LINE = re.compile(r"job (\d+): (\d+) torch threads? \((.*)\); CUDA_VISIBLE_DEVICES=(\S*) \((.*)\)$", re.M)
 

@@ -9,7 +9,7 @@ import math
 
 import matplotlib.image
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
 report = importlib.util.module_from_spec(spec)

@@ -14,7 +14,7 @@ from gruexp.train import train
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory, corpus_path):
-    from conftest import CONF, TINY
+    from helpers import CONF, TINY
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig

@@ -10,7 +10,7 @@ import sys
 
 import matplotlib.image
 import pytest
-from conftest import ROOT, TINY, run_cli
+from helpers import ROOT, TINY, run_cli
 
 from gruexp.tracking import offline_runs, read_run
 from gruexp.train import train

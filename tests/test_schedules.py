@@ -27,7 +27,7 @@ def test_warmup_cosine_rises_linearly_then_decays_to_its_floor():
 
 
 def test_a_warmup_as_long_as_the_run_is_one_line_naming_the_key(tmp_path):
-    from conftest import TINY, run_cli
+    from helpers import TINY, run_cli
 
     sched = "scheduler={_target_: gruexp.schedules.warmup_cosine, _partial_: true, warmup_steps: 100000}"
     r = run_cli("gruexp.train", *TINY, "logger=csv", sched, f"hydra.run.dir={tmp_path / 'run'}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import optuna
 import pytest
-from conftest import CONF, ROOT, TINY, run_cli
+from helpers import CONF, ROOT, TINY, run_cli
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.utils import create_config_search_path

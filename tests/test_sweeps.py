@@ -8,10 +8,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import CONF, TINY, run_cli
+from helpers import CONF, TINY, rank_lines, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from test_ddp import rank_lines
 
 from gruexp.console import brief_overrides
 

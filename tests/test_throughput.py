@@ -1,4 +1,4 @@
-"""Throughput over the whole run (issue 12.1), MFU, bits per character, the test split's metrics, pinned loaders."""
+"""Throughput over the whole run, MFU, bits per character, the test split's metrics, pinned loaders."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_loaders_are_pinned_on_cuda_only():
     [(torch.bfloat16, "highest", 989.4e12), (torch.float32, "highest", 66.9e12), (torch.float32, "high", 494.7e12)],
 )
 def test_an_h200_has_a_peak_for_mfu_by_the_name_cuda_reports(monkeypatch, dtype, matmul, expected):
-    """On an H200 (2026-11-26) CUDA said "NVIDIA H200" and Lightning found no FLOPs for it: no train/mfu. The
+    """CUDA names an H200 "NVIDIA H200", a name Lightning's table does not know: no train/mfu without gruexp's. The
     name is what a GPU gives; this machine has none, so fakes stand in for it and for the capability (Lightning's
     TF32 rule)."""
     from gruexp.throughput import peak_flops

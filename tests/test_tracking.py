@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 import pytest
-from conftest import TINY, run_cli
+from helpers import SGD, TINY, run_cli
 
 from gruexp import UserError
 from gruexp.tracking import logged_in, offline_runs, read_run, wandb_mode
@@ -170,3 +171,16 @@ def test_step_metrics_reach_csv_every_flush_not_every_logging_step(tmp_path):
     rows = [line.split(",") for line in csv_file.read_text().splitlines()]
     steps = sorted(int(r[rows[0].index("step")]) for r in rows[1:] if r[rows[0].index("train/loss")])
     assert steps == [1, 3, 5, 7, 9, 11]  # none lost: the rest is written when training ends
+
+
+def test_the_epoch_lines_tokens_per_sec_is_the_epochs_value_in_the_csv(make_cfg, tmp_path, caplog):
+    # one name, one value: the console's figure is each epoch's, as CSV and W&B hold it, not the run's so far
+    import csv
+
+    with caplog.at_level(logging.INFO, logger="gruexp"):
+        train(make_cfg(*SGD, "trainer.max_epochs=2", "logger=csv", "trainer.enable_progress_bar=true", out=tmp_path))
+    lines = "\n".join(r.getMessage() for r in caplog.records)
+    said = [int(m.replace(",", "")) for m in re.findall(r"^epoch \d/2 .*\| tokens/sec ([\d,]+)$", lines, re.M)]
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    logged = [round(float(r["train/tokens_per_sec"])) for r in rows if r.get("train/tokens_per_sec")]
+    assert len(said) == 2 and said == logged

@@ -9,7 +9,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 from gruexp.generate import generate, load
 from gruexp.train import train
@@ -49,7 +49,7 @@ def test_train_writes_summary_metrics_and_checkpoints(make_cfg, tmp_path, name, 
     val = [float(r["val/ppl"]) for r in rows if r.get("val/ppl")]
     assert len(val) == 2 and val[-1] == pytest.approx(summary["val_ppl"])
     tps = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
-    # the summary's rate is the whole run's (issue 12.1): with equal tokens per epoch, the epochs' harmonic mean
+    # the summary's rate is the whole run's: with equal tokens per epoch, the epochs' harmonic mean
     assert len(tps) == 2 and summary["tokens_per_sec"] == pytest.approx(2 / sum(1 / r for r in tps))
     # over the wall time: the same tokens, set-up, validation and the test included
     from hydra.utils import instantiate

@@ -1,6 +1,7 @@
-"""Faults injected by the reliability tests through the config (+callbacks.x._target_=inject.SignalAt ...).
+"""Faults the tests inject through the config (+callbacks.x._target_=helpers.inject.SignalAt, data._target_=...).
 
-Test-only: tests/ is on the path of pytest and, via PYTHONPATH, of the CLI runs the tests start.
+Test-only: tests/ is on the path of pytest and, via PYTHONPATH (the inject_path and inject_env fixtures), of the CLI
+runs the tests start.
 """
 
 from __future__ import annotations

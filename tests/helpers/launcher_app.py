@@ -1,6 +1,6 @@
 """A tiny Hydra app for the launcher tests: each job records what its process sees, then sleeps, fails or dies.
 
-python tests/launcher_app.py -m hydra/launcher=local hydra.searchpath=[file://<repo>/conf] x=0,1,2 crash=0
+python tests/helpers/launcher_app.py -m hydra/launcher=local hydra.searchpath=[file://<repo>/conf] x=0,1,2 crash=0
 Test-only; its config is made here (no yaml): `x` names the job, `crash` picks the job that dies.
 """
 

@@ -1,0 +1,14 @@
+"""What the model tests compare between two implementations of one GRU: every output and every gradient."""
+
+from __future__ import annotations
+
+import torch
+
+
+def outputs_and_grads(net: torch.nn.Module, x: torch.Tensor, h0: torch.Tensor) -> list[torch.Tensor]:
+    """logits, state and the gradients of h0 and every parameter, for a loss touching all outputs."""
+    net.zero_grad()
+    s = h0.clone().requires_grad_()
+    logits, state = net(x, s)
+    (logits.square().mean() + state.sum()).backward()
+    return [logits, state, s.grad, *(p.grad.clone() for p in net.parameters())]
