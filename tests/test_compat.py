@@ -91,6 +91,14 @@ def test_batches_that_stepped_counts_optimizer_steps_from_zero(fitted):
     assert compat.batches_that_stepped(trainer) == BATCHES == trainer.global_step
 
 
+def test_a_checkpoint_keeps_batches_that_stepped_where_compat_reads_it(fitted, tmp_path):
+    trainer, _, _ = fitted
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    saved = torch.load(tmp_path / "x.ckpt", weights_only=True)
+    assert compat.checkpoint_batches_that_stepped(saved) == BATCHES
+    assert compat.checkpoint_batches_that_stepped({}) == 0
+
+
 def test_attached_trainer_is_none_outside_a_trainer(fitted):
     trainer, model, _ = fitted
     assert model.seen["trainer"] == [trainer] * BATCHES

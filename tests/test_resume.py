@@ -32,8 +32,8 @@ def uninterrupted(tmp_path_factory):
 def test_interrupted_then_resumed_run_matches_uninterrupted(make_cfg, tmp_path, uninterrupted, partition, where):
     common = [*EXACT, f"data.partition={partition}"]
     if partition not in uninterrupted:
-        uninterrupted[partition] = train(make_cfg(*common, out=tmp_path / "full"))
-    full = uninterrupted[partition]
+        uninterrupted[partition] = train(make_cfg(*common, out=tmp_path / "full")), tmp_path / "full"
+    full, full_dir = uninterrupted[partition]
     if where == "mid-epoch":  # SIGTERM, as SLURM sends, after step 50: 37 batches an epoch, so inside the second
         kill = ["+callbacks.kill._target_=helpers.inject.SignalAt", "+callbacks.kill.step=50"]
         with pytest.raises(SystemExit) as e:
@@ -48,6 +48,14 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(make_cfg, tmp_path, 
     assert resumed["global_step"] == full["global_step"] and resumed["status"] == "completed"
     assert resumed["val_ppl"] == pytest.approx(full["val_ppl"], abs=1e-6)
     assert resumed["train_ppl"] == pytest.approx(full["train_ppl"], abs=1e-6)
+    # one metrics.csv from epoch 1: the resumed run's is the uninterrupted run's, timings aside
+    assert csv_history(tmp_path / "b") == csv_history(full_dir)
+
+
+def csv_history(run: Path) -> list[dict[str, str]]:
+    """A run's csv/metrics.csv rows without the columns that time it."""
+    rows = csv.DictReader((run / "csv" / "metrics.csv").open())
+    return [{k: v for k, v in row.items() if "tokens_per_sec" not in k} for row in rows]
 
 
 # --- last.ckpt is the last epoch, best.ckpt the best ------------------------------------------------------------------

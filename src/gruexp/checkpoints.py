@@ -154,6 +154,13 @@ def resumed_wandb_id(path: str | os.PathLike) -> str | None:
     return run_id if isinstance(run_id, str) else None
 
 
+def resumed_step(path: str | os.PathLike) -> int:
+    """The logging step a checkpoint's training resumes at: what its run logged before that step is its history."""
+    from gruexp.compat import checkpoint_batches_that_stepped
+
+    return checkpoint_batches_that_stepped(_read(Path(path)))
+
+
 def check_training_left(path: str | os.PathLike, max_epochs: int | None, max_steps: int | None) -> None:
     """A checkpoint to resume must leave something to train: else Lightning stops at once and the run would end
     "completed" with no metrics (nan perplexities, an empty sample). Lightning's own test: epochs whose training

@@ -8,6 +8,8 @@ Lifting the pin means running that file first. Each is here because no public AP
   CharLM keeps its loss, and StepMetrics writes the gradient norm, only on those steps.
 - batches_that_stepped: the step number Lightning's own step metrics are logged at (global_step counts optimizer
   steps, and differs from it under gradient accumulation and resumes).
+- checkpoint_batches_that_stepped: the same counter as a checkpoint stores it (Lightning's loop state layout), the
+  step a resumed run's logging goes on from.
 - attached_trainer: the module's trainer, or None outside one (`module.trainer` raises there).
 - CURRENT_HOOK: the attribute Lightning names the running hook in, about 50 times a training step.
 - RichBar: Lightning's Rich progress bar with its start, stop and epoch-description methods given public names.
@@ -32,6 +34,12 @@ def should_update_logs(trainer: L.Trainer) -> bool:
 def batches_that_stepped(trainer: L.Trainer) -> int:
     """The step Lightning logs its own training-step metrics at (batches that stepped the optimizer)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def checkpoint_batches_that_stepped(checkpoint: dict) -> int:
+    """batches_that_stepped as a Lightning checkpoint saved it; 0 for a checkpoint without loop state."""
+    state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(state.get("_batches_that_stepped", 0))
 
 
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:

@@ -136,6 +136,44 @@ def wandb_loggers(loggers: list[Any]) -> list[WandbLogger]:
     return [lg for lg in loggers if isinstance(lg, _WandbLogger)]
 
 
+def continue_csv_history(loggers: list[Any], ckpt_path: str, output_dir: str | Path) -> None:
+    """A resumed run's CSV logs begin with its checkpoint's run's rows from before the resume point, so that one
+    metrics.csv holds the training from epoch 1 (each resume's file the whole history, however many there were).
+
+    The earlier file is at the same place in the checkpoint's run folder (`<run>/checkpoints/x.ckpt`); rows logged
+    at or after the checkpoint's step (those of a kill's last minutes, the earlier test) are left out: the resumed
+    run logs them again. Lightning's CSVLogger has no way in for earlier rows, so they are put in its writer's queue.
+    """
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gruexp.checkpoints import resumed_step
+
+    ckpt = Path(ckpt_path)
+    if ckpt.parent.name != "checkpoints":
+        return
+    for lg in loggers:
+        if not isinstance(lg, CSVLogger):
+            continue
+        writer = lg.experiment
+        try:
+            earlier = ckpt.parent.parent / Path(writer.metrics_file_path).resolve().relative_to(
+                Path(output_dir).resolve()
+            )
+        except ValueError:  # this logger writes outside the run folder: no earlier file to match it with
+            continue
+        if not earlier.is_file():
+            continue
+        step = resumed_step(ckpt)
+        with open(earlier, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if row.get("step", "").isdigit() and int(row["step"]) < step]
+        writer.metrics = rows + writer.metrics
+        writer.metrics_keys = sorted(set(writer.metrics_keys) | set(reader.fieldnames or ()))
+        log.info("%s continues %s: its %d rows before step %d", writer.metrics_file_path, earlier, len(rows), step)
+
+
 # --- reading an offline run back ---------------------------------------------------------------------------------
 # wandb 0.31 ships no Python reader for .wandb files (the old wandb.sdk.internal.datastore moved into wandb-core), so
 # this walks the framing (LevelDB's log format behind a 7-byte ":W&B" header) and lets wandb.proto parse each record.

@@ -94,6 +94,8 @@ def _loggers(cfg: DictConfig, ckpt_path: str | None) -> list[Any]:
     run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for lg in loggers:
         lg.log_hyperparams(run_config)
+    if ckpt_path and not preflight.is_child_rank():
+        tracking.continue_csv_history(loggers, ckpt_path, cfg.paths.output_dir)  # one metrics.csv from epoch 1
     return loggers
 
 
