@@ -35,6 +35,9 @@ log = logging.getLogger("gruexp.report")
 
 COLUMNS = ["job", "model", "hidden", "lr", "clip", "val/ppl", "train/ppl", "tokens/sec", "epochs", "status"]
 PLOTS = ("val_ppl_curves.png", "val_ppl_heatmap.png", "tokens_per_sec.png")
+# Optuna's importances (PED-ANOVA, its default) compare the parameters of the best 10 % of the finished trials with
+# all of them: below this many, that best part is one trial, and the ranking is chance; the plot and report.md say so.
+FEW_TRIALS = 20
 
 
 def _num(v: Any) -> float:
@@ -59,6 +62,7 @@ def read_job(job: dict[str, Any]) -> dict[str, Any]:
             "tokens/sec": _num(s.get("tokens_per_sec")),
             "epochs": s.get("epochs"),
             "status": s.get("status", "completed"),
+            "load": _num(s.get("load_at_start")),  # only where the run started on a busy machine
         }
     else:  # the job raised (or was killed) before train() could write its summary
         config = folder / ".hydra" / "config.yaml"
@@ -71,6 +75,7 @@ def read_job(job: dict[str, Any]) -> dict[str, Any]:
             **{k: math.nan for k in ("val/ppl", "train/ppl", "tokens/sec")},
             "epochs": None,
             "status": "failed",
+            "load": math.nan,
         }
     if row["status"] == "completed" and not math.isfinite(row["val/ppl"]):
         row["status"] = "diverged"
@@ -142,6 +147,8 @@ def write_markdown(sweep: Path, jobs: list[dict[str, Any]], images: list[Path]) 
         lines.append("| " + " | ".join(_fmt(j[c], c) if c != "status" else status for c in COLUMNS) + " |")
     for p in images:
         lines += ["", f"![{p.name}]({p.name})"]
+        if p.name == PLOTS[2]:
+            lines += ["", throughput_caveat(jobs)]
     drawn = {p.name for p in images}
     if PLOTS[0] not in drawn:
         lines += ["", "No perplexity curves: no job validated on 2 or more epochs (the table has each job's value)."]
@@ -280,6 +287,20 @@ def throughput_bars(jobs: list[dict[str, Any]]) -> list[tuple[str, float, tuple[
     return bars
 
 
+def throughput_caveat(jobs: list[dict[str, Any]]) -> str:
+    """What tokens_per_sec.png's differences can mean: each job's rate is its machine's, loaded as it was then."""
+    busy = [j for j in jobs if math.isfinite(j.get("load", math.nan))]
+    line = (
+        "Each rate is measured while its job ran: other work on the machine lowers it, so small differences are noise."
+    )
+    if busy:
+        top = max(j["load"] for j in busy)
+        line += (
+            f" {len(busy)} of {len(jobs)} jobs started on a busy machine (load average up to {top:.1f}), slower for it."
+        )
+    return line
+
+
 def plot_throughput(jobs: list[dict[str, Any]], path: Path) -> Path | None:
     """Training tokens/sec per variant (see throughput_bars); None when no job has a throughput."""
     bars = throughput_bars(jobs)
@@ -354,9 +375,12 @@ def report(sweep: Path, use_wandb: bool | None = None) -> Path:
             (sweep / name).unlink(missing_ok=True)
     images = [p for p in made if p is not None]
     path = write_markdown(sweep, jobs, images)
-    optuna_images = plot_optuna_views(sweep)  # hparams_search=optuna: Optuna's views of the study
+    optuna_images, complete = plot_optuna_views(sweep)  # hparams_search=optuna: Optuna's views of the study
     if optuna_images:
-        path.write_text(path.read_text() + "".join(f"![{p.name}]({p.name})\n" for p in optuna_images))
+        text = "".join(f"![{p.name}]({p.name})\n" for p in optuna_images)
+        if any(p.name == "optuna_importances.png" for p in optuna_images) and complete < FEW_TRIALS:
+            text += f"\nParameter importances {importance_caveat(complete)}.\n"
+        path.write_text(path.read_text() + text)
         images += optuna_images
     if (wandb_is_on(sweep) if use_wandb is None else use_wandb) and wandb_mode() != "disabled":
         log_to_wandb(sweep, jobs, images)
@@ -385,8 +409,14 @@ def load_study(sweep: Path) -> Any:
         ) from None
 
 
-def plot_optuna_views(sweep: Path) -> list[Path]:
-    """Optuna's own views of the sweep's study (optimization history, parameter importances) as PNGs, if it has one."""
+def importance_caveat(complete: int) -> str:
+    """The line under optuna_importances.png when it rests on few finished trials."""
+    return f"from {complete} complete trials only: with fewer than {FEW_TRIALS}, these importances are mostly noise"
+
+
+def plot_optuna_views(sweep: Path) -> tuple[list[Path], int]:
+    """Optuna's own views of the sweep's study (optimization history, parameter importances) as PNGs, if it has one,
+    and how many of its trials completed."""
     import warnings
 
     import optuna
@@ -394,11 +424,12 @@ def plot_optuna_views(sweep: Path) -> list[Path]:
 
     study = load_study(sweep)
     if study is None:
-        return []
+        return [], 0
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots = {"optuna_history.png": views.plot_optimization_history}
     if len(complete) >= 2:  # importances need at least two finished trials to compare
         plots["optuna_importances.png"] = views.plot_param_importances
+    few = len(complete) < FEW_TRIALS
     paths = []
     for name, plot in plots.items():
         with warnings.catch_warnings():
@@ -407,13 +438,15 @@ def plot_optuna_views(sweep: Path) -> list[Path]:
         title = ax.get_title(loc="left") or ax.get_title()
         ax.set_title("")
         ax.set_title(f"{title}: {study.study_name}, {len(study.trials)} trials", loc="left")
+        if name == "optuna_importances.png" and few:
+            ax.set_xlabel(f"{ax.get_xlabel()}\n{importance_caveat(len(complete))}")
         if name == "optuna_history.png":
             ax.set_ylabel("val/ppl (the objective)")
         ax.figure.savefig(sweep / name, dpi=120, bbox_inches="tight")
         plt.close(ax.figure)
         paths.append(sweep / name)
     log.info("wrote Optuna's views of study %s: %s", study.study_name, ", ".join(p.name for p in paths))
-    return paths
+    return paths, len(complete)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ def test_one_epoch_per_job_draws_no_curves_and_no_one_cell_heat_map(tmp_path):
     assert "No perplexity curves: no job validated on 2 or more epochs" in text
     assert "No heat map: no model and clip value was run on a grid of >= 2 hidden sizes x >= 2 lrs." in text
     assert "| 82,179 |" in text  # thousands separators in the table too
+    assert "Each rate is measured while its job ran" in text and "busy machine" not in text
     img = matplotlib.image.imread(sweep / "tokens_per_sec.png")
     assert img.shape[0] > 300 and img.std() > 0.05
 
@@ -138,3 +139,11 @@ def test_ppl_png_marks_the_best_epoch(tmp_path):
     assert matplotlib.image.imread(path).std() > 0.05
     with pytest.raises(ValueError):
         best_point([(1, math.nan)])
+
+
+def test_the_throughput_plot_says_which_jobs_started_on_a_busy_machine(tmp_path):
+    sweep = write_sweep(tmp_path, [("torch", 32, 1.0, [17.2], 31562.0), ("fused", 32, 1.0, [17.2], 82179.0)])
+    summary = json.loads((sweep / "1" / "summary.json").read_text())
+    (sweep / "1" / "summary.json").write_text(json.dumps({**summary, "load_at_start": 5.04}))  # as record.py adds
+    text = report.report(sweep, use_wandb=False).read_text()
+    assert "1 of 2 jobs started on a busy machine (load average up to 5.0), slower for it." in text

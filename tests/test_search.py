@@ -165,6 +165,9 @@ def test_search_writes_its_best_then_resumes_to_n_trials(tmp_path, corpus_path):
     for png in ("optuna_history.png", "optuna_importances.png"):
         assert matplotlib.image.imread(folder / png).shape[0] > 100
         assert f"![{png}]({png})" in (folder / "report.md").read_text()
+    complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    said = f"Parameter importances from {complete} complete trials only: with fewer than 20, these importances are"
+    assert said in (folder / "report.md").read_text()
 
     # the same folder with a storage that lacks its trials (a new database, a lost journal): refused, not overwritten
     files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
