@@ -78,3 +78,20 @@ def test_the_data_options_table_in_usage_md_gives_the_configs_defaults():
     for key, documented in rows:
         value = cfg.data[key]
         assert documented == ("null" if value is None else str(value)), f"docs/usage.md: data.{key}"
+
+
+def test_the_module_map_in_design_md_names_every_source_file_and_no_other():
+    text = (ROOT / "docs" / "design.md").read_text()
+    table = text[text.index("## The map") : text.index("\n## ", text.index("## The map") + 1)]
+    named = set(re.findall(r"`([\w/]+(?:\.py|\.c|/))`", table))
+    src = ROOT / "src" / "gruexp"
+    files = {
+        p.relative_to(src).as_posix() for p in [*src.glob("*.py"), *src.glob("models/*")] if p.suffix in (".py", ".c")
+    }
+    files -= {"__init__.py"}
+    # a file is named by its path, or by its name alone in a row that begins with its folder
+    missing = [f for f in sorted(files) if f not in named and f.rsplit("/", 1)[-1] not in named]
+    assert not missing, f"docs/design.md's map lacks {missing}"
+    tracked = [p.relative_to(ROOT).as_posix() for d in ("src", "scripts", "tests") for p in (ROOT / d).rglob("*.*")]
+    gone = [n for n in named if n.endswith((".py", ".c")) and not any(t.endswith(n) for t in tracked)]
+    assert not gone, f"docs/design.md's map names files that do not exist: {gone}"
