@@ -151,7 +151,7 @@ def continue_csv_history(loggers: list[Any], ckpt_path: str, output_dir: str | P
     from gruexp.checkpoints import resumed_step
 
     ckpt = Path(ckpt_path)
-    if ckpt.parent.name != "checkpoints":
+    if ckpt.parent.name != "checkpoints":  # a file outside a run folder: nothing to continue
         return
     for lg in loggers:
         if not isinstance(lg, CSVLogger):
@@ -163,9 +163,10 @@ def continue_csv_history(loggers: list[Any], ckpt_path: str, output_dir: str | P
             )
         except ValueError:  # this logger writes outside the run folder: no earlier file to match it with
             continue
-        if not earlier.is_file():
-            continue
         step = resumed_step(ckpt)
+        if not earlier.is_file():
+            log.info("no %s in the checkpoint's run: %s starts at step %d", earlier, writer.metrics_file_path, step)
+            continue
         with open(earlier, newline="") as f:
             reader = csv.DictReader(f)
             rows = [row for row in reader if row.get("step", "").isdigit() and int(row["step"]) < step]
