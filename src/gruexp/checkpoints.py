@@ -2,7 +2,7 @@
 
 - resolve_ckpt_path + check_checkpoint: what `ckpt_path` means and whether that file fits this run, for train,
   generate and evaluate alike (model_signature, split_signature: what a resumed run must share with its file).
-- check_training_left, resumed_wandb_id: what a checkpoint to resume holds beyond its weights.
+- read_resume, check_training_left: what a checkpoint to resume holds beyond its weights (read once).
 - atomic_write, AtomicCheckpointIO: a file (checkpoint, summary.json, best.json) becomes its name only once whole.
 """
 
@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -148,31 +149,43 @@ def check_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = No
     return hp
 
 
-def resumed_wandb_id(path: str | os.PathLike) -> str | None:
-    """The W&B run a checkpoint's training logged to (CharLM.on_save_checkpoint), for the resumed run to continue."""
-    run_id = (_read(Path(path)).get("gruexp_resume") or {}).get("wandb_id")
-    return run_id if isinstance(run_id, str) else None
+@dataclass(frozen=True)
+class Resume:
+    """What a checkpoint to resume holds beyond its weights, read once: how far it trained, where its logging goes
+    on from, and the W&B run it logged to (CharLM's `gruexp_resume`)."""
+
+    path: str
+    epochs: int | None  # epochs whose training finished (`epoch_progress.current.processed`)
+    global_step: int | None
+    log_step: int  # the logging step it resumes at: what its run logged before that step is its history
+    wandb_id: str | None
 
 
-def resumed_step(path: str | os.PathLike) -> int:
-    """The logging step a checkpoint's training resumes at: what its run logged before that step is its history."""
+def read_resume(path: str | os.PathLike) -> Resume:
+    """The Resume of a checkpoint that resolve_ckpt_path has found (and checked)."""
     from gruexp.compat import checkpoint_batches_that_stepped
 
-    return checkpoint_batches_that_stepped(_read(Path(path)))
+    ckpt = _read(Path(path))
+    run_id = (ckpt.get("gruexp_resume") or {}).get("wandb_id")
+    return Resume(
+        path=str(path),
+        epochs=ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed"),
+        global_step=ckpt.get("global_step"),
+        log_step=checkpoint_batches_that_stepped(ckpt),
+        wandb_id=run_id if isinstance(run_id, str) else None,
+    )
 
 
-def check_training_left(path: str | os.PathLike, max_epochs: int | None, max_steps: int | None) -> None:
+def check_training_left(resume: Resume, max_epochs: int | None, max_steps: int | None) -> None:
     """A checkpoint to resume must leave something to train: else Lightning stops at once and the run would end
     "completed" with no metrics (nan perplexities, an empty sample). Lightning's own test: epochs whose training
-    finished (`epoch_progress.current.processed`) against max_epochs, global_step against max_steps."""
-    ckpt = _read(Path(path))
-    epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
+    finished against max_epochs, global_step against max_steps."""
+    path, epochs, steps = resume.path, resume.epochs, resume.global_step
     if max_epochs not in (None, -1) and epochs is not None and epochs >= max_epochs:
         raise UserError(
             f"{path} has trained {epochs} epochs and trainer.max_epochs={max_epochs}: nothing is left to train; "
             f"set trainer.max_epochs above {epochs} to train on"
         )
-    steps = ckpt.get("global_step")
     if max_steps not in (None, -1) and steps is not None and steps >= max_steps:
         raise UserError(
             f"{path} has trained {steps} steps and trainer.max_steps={max_steps}: nothing is left to train; "

@@ -6,6 +6,7 @@ run's folder with one line that says how to upload it. Deciding reads the enviro
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 
 log = logging.getLogger("gruexp.tracking")
@@ -136,20 +138,14 @@ def wandb_loggers(loggers: list[Any]) -> list[WandbLogger]:
     return [lg for lg in loggers if isinstance(lg, _WandbLogger)]
 
 
-def continue_csv_history(loggers: list[Any], ckpt_path: str, output_dir: str | Path) -> None:
+def continue_csv_history(loggers: list[Any], ckpt_path: str, step: int, output_dir: str | Path) -> None:
     """A resumed run's CSV logs begin with its checkpoint's run's rows from before the resume point, so that one
     metrics.csv holds the training from epoch 1 (each resume's file the whole history, however many there were).
 
     The earlier file is at the same place in the checkpoint's run folder (`<run>/checkpoints/x.ckpt`); rows logged
-    at or after the checkpoint's step (those of a kill's last minutes, the earlier test) are left out: the resumed
+    at or after `step`, the checkpoint's (a kill's last minutes, the earlier test), are left out: the resumed
     run logs them again. Lightning's CSVLogger has no way in for earlier rows, so they are put in its writer's queue.
     """
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-
-    from gruexp.checkpoints import resumed_step
-
     ckpt = Path(ckpt_path)
     if ckpt.parent.name != "checkpoints":  # a file outside a run folder: nothing to continue
         return
@@ -163,7 +159,6 @@ def continue_csv_history(loggers: list[Any], ckpt_path: str, output_dir: str | P
             )
         except ValueError:  # this logger writes outside the run folder: no earlier file to match it with
             continue
-        step = resumed_step(ckpt)
         if not earlier.is_file():
             log.info("no %s in the checkpoint's run: %s starts at step %d", earlier, writer.metrics_file_path, step)
             continue

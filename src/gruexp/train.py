@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if not child:
                 log.info("data: %s", datamodule.describe())
             vocab = datamodule.vocab.idx_to_token
-            ckpt_path = _checkpoint_to_resume(cfg, vocab, verbose=not child)
+            resume = _checkpoint_to_resume(cfg, vocab, verbose=not child)
             preflight.check_memory(cfg, len(vocab))  # before the model allocates anything
             optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.get("scheduler"))
             model = instantiate(cfg.model, vocab=vocab, optimizer=optimizer, scheduler=scheduler)
@@ -59,23 +59,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
             pruning = search.pruning_callback()  # an Optuna trial (hparams_search=optuna): report, stop when pruned
             callbacks += [pruning] if pruning else []
-            loggers = _loggers(cfg, ckpt_path)
+            loggers = _loggers(cfg, resume)
             trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        record.fit(trainer, model, datamodule, ckpt_path, seed=seed, pruning=pruning)
+        record.fit(trainer, model, datamodule, resume.path if resume else None, seed=seed, pruning=pruning)
         record.test(lambda: _test(trainer, model, datamodule))
     return record.summary
 
 
-def _checkpoint_to_resume(cfg: DictConfig, vocab: list[str], verbose: bool) -> str | None:
+def _checkpoint_to_resume(cfg: DictConfig, vocab: list[str], verbose: bool) -> checkpoints.Resume | None:
     """The checkpoint `ckpt_path` names, refused in one line if it is of another model, size, vocabulary or split
     (not resumed silently) or leaves nothing to train."""
     expect = checkpoints.model_signature(cfg.model, vocab) | checkpoints.split_signature(cfg.data)
     ckpt_path = checkpoints.resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), expect=expect)
-    if ckpt_path:
-        checkpoints.check_training_left(ckpt_path, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
-        if verbose and str(cfg.ckpt_path) != "last":  # `last` has named its file already
-            log.info("resuming %s", ckpt_path)
-    return ckpt_path
+    if not ckpt_path:
+        return None
+    resume = checkpoints.read_resume(ckpt_path)
+    checkpoints.check_training_left(resume, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
+    if verbose and str(cfg.ckpt_path) != "last":  # `last` has named its file already
+        log.info("resuming %s", ckpt_path)
+    return resume
 
 
 def _instantiate_all(group: DictConfig | None, wandb_id: str | None = None) -> list[Any]:
@@ -88,14 +90,15 @@ def _instantiate_all(group: DictConfig | None, wandb_id: str | None = None) -> l
     ]
 
 
-def _loggers(cfg: DictConfig, ckpt_path: str | None) -> list[Any]:
-    """The config's loggers, each given the whole resolved config: W&B's run config, CSV's hparams.yaml."""
-    loggers = _instantiate_all(cfg.get("logger"), checkpoints.resumed_wandb_id(ckpt_path) if ckpt_path else None)
+def _loggers(cfg: DictConfig, resume: checkpoints.Resume | None) -> list[Any]:
+    """The config's loggers, each given the whole resolved config (W&B's run config, CSV's hparams.yaml); a resumed
+    run's go on with its checkpoint's W&B run and CSV history."""
+    loggers = _instantiate_all(cfg.get("logger"), resume.wandb_id if resume else None)
     run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for lg in loggers:
         lg.log_hyperparams(run_config)
-    if ckpt_path and not preflight.is_child_rank():
-        tracking.continue_csv_history(loggers, ckpt_path, cfg.paths.output_dir)  # one metrics.csv from epoch 1
+    if resume and not preflight.is_child_rank():
+        tracking.continue_csv_history(loggers, resume.path, resume.log_step, cfg.paths.output_dir)
     return loggers
 
 
