@@ -375,12 +375,10 @@ def report(sweep: Path, use_wandb: bool | None = None) -> Path:
             (sweep / name).unlink(missing_ok=True)
     images = [p for p in made if p is not None]
     path = write_markdown(sweep, jobs, images)
-    optuna_images, complete = plot_optuna_views(sweep)  # hparams_search=optuna: Optuna's views of the study
+    optuna_images, caveat = plot_optuna_views(sweep)  # hparams_search=optuna: Optuna's views of the study
     if optuna_images:
         text = "".join(f"![{p.name}]({p.name})\n" for p in optuna_images)
-        if any(p.name == "optuna_importances.png" for p in optuna_images) and complete < FEW_TRIALS:
-            text += f"\nParameter importances {importance_caveat(complete)}.\n"
-        path.write_text(path.read_text() + text)
+        path.write_text(path.read_text() + text + (f"\nParameter importances {caveat}.\n" if caveat else ""))
         images += optuna_images
     if (wandb_is_on(sweep) if use_wandb is None else use_wandb) and wandb_mode() != "disabled":
         log_to_wandb(sweep, jobs, images)
@@ -414,9 +412,9 @@ def importance_caveat(complete: int) -> str:
     return f"from {complete} complete trials only: with fewer than {FEW_TRIALS}, these importances are mostly noise"
 
 
-def plot_optuna_views(sweep: Path) -> tuple[list[Path], int]:
+def plot_optuna_views(sweep: Path) -> tuple[list[Path], str | None]:
     """Optuna's own views of the sweep's study (optimization history, parameter importances) as PNGs, if it has one,
-    and how many of its trials completed."""
+    and the importance plot's caveat when it rests on few trials (importance_caveat), else None."""
     import warnings
 
     import optuna
@@ -424,12 +422,13 @@ def plot_optuna_views(sweep: Path) -> tuple[list[Path], int]:
 
     study = load_study(sweep)
     if study is None:
-        return [], 0
+        return [], None
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots = {"optuna_history.png": views.plot_optimization_history}
+    caveat = None
     if len(complete) >= 2:  # importances need at least two finished trials to compare
         plots["optuna_importances.png"] = views.plot_param_importances
-    few = len(complete) < FEW_TRIALS
+        caveat = importance_caveat(len(complete)) if len(complete) < FEW_TRIALS else None
     paths = []
     for name, plot in plots.items():
         with warnings.catch_warnings():
@@ -438,15 +437,15 @@ def plot_optuna_views(sweep: Path) -> tuple[list[Path], int]:
         title = ax.get_title(loc="left") or ax.get_title()
         ax.set_title("")
         ax.set_title(f"{title}: {study.study_name}, {len(study.trials)} trials", loc="left")
-        if name == "optuna_importances.png" and few:
-            ax.set_xlabel(f"{ax.get_xlabel()}\n{importance_caveat(len(complete))}")
+        if name == "optuna_importances.png" and caveat:
+            ax.set_xlabel(f"{ax.get_xlabel()}\n{caveat}")
         if name == "optuna_history.png":
             ax.set_ylabel("val/ppl (the objective)")
         ax.figure.savefig(sweep / name, dpi=120, bbox_inches="tight")
         plt.close(ax.figure)
         paths.append(sweep / name)
     log.info("wrote Optuna's views of study %s: %s", study.study_name, ", ".join(p.name for p in paths))
-    return paths, len(complete)
+    return paths, caveat
 
 
 def main(argv: list[str] | None = None) -> int:
