@@ -204,10 +204,10 @@ class StepMetrics(Callback):
 
     Handed to each logger directly, at Lightning's step and with its epoch key, not through self.log: its result
     collection costs a measurable share of a small model's step (docs/precision.md), and these are step values with
-    nothing to reduce over steps or ranks. Nor through Lightning's logger connector, which calls
-    every logger's save() after each call (Lightning #4664, won't fix): CSVLogger would reopen and append metrics.csv
-    every logging step (slow on a cluster's network file system) instead of every
-    `flush_logs_every_n_steps` steps; epoch ends, validation and the run's end still write it out.
+    nothing to reduce over steps or ranks. Nor through Lightning's logger connector, which calls every logger's
+    save() after each call (Lightning #4664, won't fix): CSVLogger would reopen and append metrics.csv every logging
+    step (slow on a cluster's network file system) instead of every `flush_logs_every_n_steps` steps; epoch ends,
+    validation and the run's end still write it out.
     """
 
     def __init__(self) -> None:
