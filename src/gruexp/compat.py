@@ -8,6 +8,8 @@ Lifting the pin means running that file first. Each is here because no public AP
   CharLM keeps its loss, and StepMetrics writes the gradient norm, only on those steps.
 - batches_that_stepped: the step number Lightning's own step metrics are logged at (global_step counts optimizer
   steps, and differs from it under gradient accumulation and resumes).
+- advance_logging_step: moves that step on inside one call of the training step (gruexp.steps' K steps), so
+  that step metrics are logged at the optimizer step they belong to.
 - checkpoint_batches_that_stepped: the same counter as a checkpoint stores it (Lightning's loop state layout), the
   step a resumed run's logging goes on from.
 - attached_trainer: the module's trainer, or None outside one (`module.trainer` raises there).
@@ -34,6 +36,12 @@ def should_update_logs(trainer: L.Trainer) -> bool:
 def batches_that_stepped(trainer: L.Trainer) -> int:
     """The step Lightning logs its own training-step metrics at (batches that stepped the optimizer)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def advance_logging_step(trainer: L.Trainer) -> None:
+    """Count one more optimizer step for the loggers inside a training-step call (the step engine's K steps);
+    Lightning adds the call's last one itself after the call."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped += 1
 
 
 def checkpoint_batches_that_stepped(checkpoint: dict) -> int:

@@ -69,7 +69,7 @@ class StepChecks:
     _by_trainer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self) -> None:
-        self.losses: list[tuple[int, torch.Tensor]] = []  # (global step, loss) since the last check
+        self.losses: list[tuple[int, torch.Tensor]] = []  # (global step, its loss, or a chunk's) since the check
         self.signum = 0  # the signal this rank received, 0 if none
         self.stop = 0  # the signal all ranks agreed to stop on
         self.detect = False  # a DivergenceDetector is on: keep each step's loss
@@ -95,11 +95,12 @@ class StepChecks:
         if not self.losses and not (batch_end and (distributed or self.signum)):
             return  # nothing recorded since the last check: nothing can have changed
         device = pl_module.device
-        steps = [float(s) for s, _ in self.losses]
+        # a steps_per_call chunk keeps its k losses as one tensor, of steps first .. first + k - 1
+        steps = [float(s + i) for s, losses in self.losses for i in range(losses.numel())]
         # one host-to-device copy of what the host knows, then device ops only
         known = torch.tensor([float(self.signum), *steps], device=device)
         if self.losses:
-            losses = torch.stack([loss for _, loss in self.losses]).float()
+            losses = torch.cat([loss.reshape(-1) for _, loss in self.losses]).float()
             # exp(loss) overflows float32 above ~88.7: the perplexity is infinite long before the loss is
             bad = ~torch.isfinite(losses.exp())
             first = torch.where(bad, -known[1:], torch.full_like(known[1:], -math.inf)).amax()
@@ -111,11 +112,12 @@ class StepChecks:
             self.collectives += 1
         signum, neg_step = decision.tolist()
         self.host_reads += 1
-        mine, self.losses = dict(self.losses), []
+        mine, self.losses = self.losses, []
         self.stop = self.stop or int(signum)
         if neg_step != -math.inf:
             step = int(-neg_step)
-            loss = float(mine[step]) if step in mine else math.nan
+            at = [losses.reshape(-1)[step - s] for s, losses in mine if 0 <= step - s < losses.numel()]
+            loss = float(at[0]) if at else math.nan
             if math.isfinite(loss) and loss < 88:
                 loss = math.nan  # another rank's loss was the bad one: this rank cannot name it
             raise Diverged(step, trainer.current_epoch, loss)

@@ -25,6 +25,7 @@ from gruexp.callbacks import StepMetrics
 from gruexp.compat import CURRENT_HOOK, attached_trainer
 from gruexp.data import Vocab
 from gruexp.models import build_model, forward_flops_per_token, net_options
+from gruexp.steps import StepPlan, run_chunk, stepping_batches
 from gruexp.throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -207,14 +208,32 @@ class CharLM(L.LightningModule):
         carry_state: bool = True,
         sample_prefix: str = "time traveller",
         sample_chars: int = 50,
+        steps_per_call: int = 1,
+        cuda_graph: bool = False,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ):
+        """`steps_per_call`, `cuda_graph`: how the training step runs its optimizer steps (gruexp.steps). With more
+        than one, or graphs, the module clips (`gradient_clip_val`; the Trainer's must then be None)."""
         super().__init__()
         # plain strings, not Hydra's ListConfig: checkpoints then load with torch.load(weights_only=True)
         vocab = [str(t) for t in vocab]
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)  # train() logs the whole config
+        # train() logs the whole config; how the steps run is not the model's
+        ignore = [
+            "optimizer",
+            "scheduler",
+            "steps_per_call",
+            "cuda_graph",
+            "gradient_clip_val",
+            "gradient_clip_algorithm",
+        ]
+        self.save_hyperparameters(ignore=ignore, logger=False)
         self.vocab = Vocab(idx_to_token=vocab)
         self.net = build_model(vocab_size=len(self.vocab), **net_options(self.hparams))
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.steps = steps = StepPlan(steps_per_call, cuda_graph)
+        self.automatic_optimization = not steps.manual
+        self.clip = (gradient_clip_val, gradient_clip_algorithm)
         self.carry_state = carry_state
         self.state: torch.Tensor | None = None
         self._resume: dict | None = None  # a mid-epoch checkpoint's resume_point, applied at its next batch
@@ -275,10 +294,19 @@ class CharLM(L.LightningModule):
         if self._resume is not None:
             saved, self._resume = self._resume, None
             resume(self, saved, batch_idx)
+        if not self.automatic_optimization:
+            return run_chunk(self, batch)
         loss, _ = self._step(batch, carry=self.carry_state)
         self.train_nll.update(loss, batch[1].numel())
         self.step_metrics.keep(self.trainer, loss)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # where Lightning's automatic optimization clips: after the callbacks' hook (the gradient norm logged is
+        # the one before clipping), after a GradScaler's unscale
+        value, algorithm = self.clip
+        if not self.automatic_optimization and value:
+            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
@@ -380,5 +408,5 @@ class CharLM(L.LightningModule):
         if "total_steps" not in inspect.signature(self.scheduler).parameters:
             return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "epoch"}}
         given = getattr(self.scheduler, "keywords", {}).get("total_steps")
-        total = {} if given is not None else {"total_steps": int(self.trainer.estimated_stepping_batches)}
+        total = {} if given is not None else {"total_steps": int(stepping_batches(self.trainer))}
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt, **total), "interval": "step"}}

@@ -103,7 +103,10 @@ class Throughput(Callback):
         self._start_epoch()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        self._epoch_tokens += batch[1].numel()
+        # a chunk of steps_per_call batches says how many it trained (max_steps may stop inside it)
+        self._epoch_tokens += (
+            outputs["tokens"] if isinstance(outputs, dict) and "tokens" in outputs else batch[1].numel()
+        )
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # here, not in on_train_epoch_end: the callbacks before this one (ppl.png, the epoch line) run their
             # on_train_epoch_end first and must see this epoch's figures; validation has not run yet

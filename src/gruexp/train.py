@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import checkpoints, console, guards, launch, preflight, search, sweeps, tracking
+from gruexp import checkpoints, console, guards, launch, preflight, search, steps, sweeps, tracking
 from gruexp.errors import user_error
 from gruexp.record import RunRecord
 
@@ -47,20 +47,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
             child = preflight.is_child_rank()  # a DDP rank > 0 re-runs this set-up: rank 0 has said it all
             seed = L.seed_everything(cfg.seed, workers=True, verbose=not child)
-            datamodule = instantiate(cfg.data, seed=seed)
+            plan = steps.plan_steps(cfg.steps_per_call, cfg.cuda_graph, cfg.trainer.get("accelerator", "auto"))
+            steps.check_trainer(plan, cfg.trainer)
+            engine = steps.trainer_overrides(plan, cfg.trainer)  # what the step engine takes from Lightning
+            taken = {"limit_train_batches": cfg.trainer.get("limit_train_batches")} if engine else {}
+            datamodule = instantiate(cfg.data, seed=seed, steps_per_call=plan.steps_per_call, **taken)
             if not child:
                 log.info("data: %s", datamodule.describe())
             vocab = datamodule.vocab.idx_to_token
             resume = _checkpoint_to_resume(cfg, vocab, verbose=not child)
             preflight.check_memory(cfg, len(vocab))  # before the model allocates anything
             optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.get("scheduler"))
-            model = instantiate(cfg.model, vocab=vocab, optimizer=optimizer, scheduler=scheduler)
+            clip = {k: cfg.trainer.get(k) for k in ("gradient_clip_val", "gradient_clip_algorithm")} if engine else {}
+            model = instantiate(
+                cfg.model,
+                vocab=vocab,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                steps_per_call=plan.steps_per_call,
+                cuda_graph=plan.cuda_graph,
+                **clip,
+            )
             callbacks = _instantiate_all(cfg.get("callbacks"))
             callbacks.append(launch.SameConfigOnAllRanks(launch.config_digest(cfg, seed), _describe(cfg)))
             pruning = search.pruning_callback()  # an Optuna trial (hparams_search=optuna): report, stop when pruned
             callbacks += [pruning] if pruning else []
             loggers = _loggers(cfg, resume)
-            trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+            trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **engine)
         record.fit(trainer, model, datamodule, resume.path if resume else None, seed=seed, pruning=pruning)
         record.test(lambda: _test(trainer, model, datamodule))
     return record.summary

@@ -112,6 +112,18 @@ def _batch(data: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch
     return data
 
 
+class Chunks:
+    """collate_fn of a loader that hands out `steps_per_call` batches at once: the rows of up to K consecutive
+    batches, gathered in one go, as X and Y of shape [k, rows, T] (k < K for an epoch's last chunk)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def __call__(self, data: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        X, Y = data
+        return X.view(-1, self.rows, X.shape[-1]), Y.view(-1, self.rows, Y.shape[-1])
+
+
 class StreamSampler(Sampler[int]):
     """Yields window starts so that each run of `rows` consecutive starts is one batch (this rank's share).
 
@@ -133,7 +145,10 @@ class StreamSampler(Sampler[int]):
         world_size: int = 1,
         seed: int = 0,
         shuffle_offset: bool = True,
+        limit: int | float | None = None,
     ):
+        """`limit`: at most that many batches an epoch (an int), or that fraction of them (a float), as Lightning's
+        `limit_train_batches` counts them; the loader of a steps_per_call run applies it, not Lightning."""
         if partition not in ("sequential", "random"):
             raise UserError(f"data.partition={partition} is unknown: choose sequential or random")
         if batch_size % world_size:
@@ -142,6 +157,7 @@ class StreamSampler(Sampler[int]):
             )
         self.n, self.T, self.B, self.partition = n, num_steps, batch_size, partition
         self.rank, self.world_size, self.seed, self.shuffle_offset = rank, world_size, seed, shuffle_offset
+        self.limit = limit
         self.rows = batch_size // world_size
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a checkpoint
@@ -171,20 +187,24 @@ class StreamSampler(Sampler[int]):
     def num_batches(self) -> int:
         _, offset = self._draw()
         if self.partition == "sequential":
-            return (self.n - offset - 1) // self.B // self.T
-        return (self.n - offset - 1) // self.T // self.B
+            n = (self.n - offset - 1) // self.B // self.T
+        else:
+            n = (self.n - offset - 1) // self.T // self.B
+        if self.limit is None:
+            return n
+        return min(n, self.limit) if isinstance(self.limit, int) else int(n * self.limit)
 
     def iter_batches(self, skip: int = 0) -> Iterator[range | list[int]]:
         """This epoch's batches from batch `skip` on, each as the window starts of all ranks' rows."""
         g, offset = self._draw()
-        T, B = self.T, self.B
+        T, B, n = self.T, self.B, self.num_batches()
         if self.partition == "sequential":
             row_len = (self.n - offset - 1) // B
-            for t in range(skip, row_len // T):
+            for t in range(skip, n):
                 yield range(offset + t * T, offset + t * T + B * row_len, row_len)
             return
         starts = offset + T * torch.randperm((self.n - offset - 1) // T, generator=g)  # a tensor, not a list
-        for b in range(skip, len(starts) // B):
+        for b in range(skip, n):
             yield starts[b * B : (b + 1) * B].tolist()
 
     def batches(self) -> list[list[int]]:
@@ -205,21 +225,35 @@ class StreamLoader(DataLoader):
     """A DataLoader over a StreamSampler that Lightning can checkpoint mid-epoch (state_dict / load_state_dict).
 
     Lightning's fit loop saves `state_dict()` of every training loader that has one and, on a mid-epoch resume,
-    loads it before iterating; the state is (epoch, batches handed out), so the resumed pass skips exactly those.
+    loads it before iterating; the state is (epoch, batches trained), so the resumed pass skips exactly those.
+    With `steps_per_call` K each item is a chunk of K batches (Chunks); its state still counts batches, so a
+    checkpoint resumes with any K.
     """
 
     sampler: StreamSampler
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, steps_per_call: int = 1, **kwargs):
+        if steps_per_call > 1:  # the last chunk of an epoch holds the batches left: never dropped
+            kwargs.update(batch_size=kwargs["batch_size"] * steps_per_call, drop_last=False)
+            kwargs["collate_fn"] = Chunks(kwargs["sampler"].rows)
         super().__init__(*args, **kwargs)
+        self.steps_per_call = steps_per_call
         self._batches = 0
 
     def __iter__(self):
         # runs at the first next(), after Lightning's set_epoch: the skip is decided for the right epoch
         self._batches = self.sampler.take_skip()
         for batch in super().__iter__():
-            self._batches += 1
+            self._batches += len(batch[1]) if self.steps_per_call > 1 else 1
             yield batch
+
+    def batches_per_epoch(self) -> int:
+        """Batches (not chunks) in this epoch's pass, after the limit: what an epoch's optimizer steps number."""
+        return self.sampler.num_batches()
+
+    def untrained(self, batches: int) -> None:
+        """The last chunk's final `batches` were not trained (max_steps came first): a resume reads them again."""
+        self._batches -= batches
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches": self._batches}
@@ -294,7 +328,11 @@ class CharDataModule(L.LightningDataModule):
         partition: str = "sequential",
         seed: int = 0,
         num_workers: int = 0,
+        steps_per_call: int = 1,
+        limit_train_batches: int | float | None = None,
     ):
+        """`steps_per_call` K > 1: training items are chunks of K batches (gruexp.steps), and `limit_train_batches`
+        (trainer.limit_train_batches, in batches) is applied here, since Lightning would count chunks."""
         super().__init__()
         for name, v in (("batch_size", batch_size), ("num_steps", num_steps)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -312,10 +350,12 @@ class CharDataModule(L.LightningDataModule):
             )
         if partition not in ("sequential", "random"):
             raise UserError(f"data.partition={partition} is unknown: choose sequential or random")
-        self.save_hyperparameters(logger=False)  # in every checkpoint: gruexp.evaluate rebuilds the splits from it
+        # in every checkpoint: gruexp.evaluate rebuilds the splits from it (how training read them is not the splits)
+        self.save_hyperparameters(ignore=["steps_per_call", "limit_train_batches"], logger=False)
         self.corpus_name, self.path, self.batch_size, self.num_steps = corpus, path, batch_size, num_steps
         self.max_tokens, self.val_tokens, self.partition = max_tokens, val_tokens, partition
         self.seed, self.num_workers = seed, num_workers
+        self.steps_per_call, self.limit_train_batches = steps_per_call, limit_train_batches
         self.tokens = encoded_corpus(corpus, path, tokenizer)
         self.ids, self.vocab = self.tokens.ids(), self.tokens.vocab
         train_end, val_end = split_bounds(len(self.ids), val_fraction, test_fraction)
@@ -360,7 +400,17 @@ class CharDataModule(L.LightningDataModule):
     def _loader(self, name: str, batch_size: int, partition: str, shuffle_offset: bool) -> StreamLoader:
         rank, world = self._rank()
         ids = self.split(name)
-        sampler = StreamSampler(len(ids), self.num_steps, batch_size, partition, rank, world, self.seed, shuffle_offset)
+        sampler = StreamSampler(
+            len(ids),
+            self.num_steps,
+            batch_size,
+            partition,
+            rank,
+            world,
+            self.seed,
+            shuffle_offset,
+            limit=self.limit_train_batches if name == "train" else None,
+        )
         if len(sampler) == 0:
             raise UserError(
                 f"the {len(ids)}-token {name} split holds no batch of {batch_size} rows x {self.num_steps} steps: "
@@ -375,6 +425,7 @@ class CharDataModule(L.LightningDataModule):
             drop_last=True,
             collate_fn=_batch,
             num_workers=self.num_workers,
+            steps_per_call=self.steps_per_call,
         )
 
     def eval_dataloader(self, name: str) -> DataLoader | list:

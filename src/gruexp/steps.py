@@ -1,0 +1,143 @@
+"""The step engine: one call of the training step runs K optimizer steps (`steps_per_call`), so that Python and
+Lightning's loop are paid once per K steps; on CUDA the K-step body is captured once as a CUDA graph and replayed.
+
+K = 1 (the default on a CPU, where it gains nothing: docs/benchmarks.md) is Lightning's own automatic optimization,
+untouched. K > 1 is Lightning's manual optimization, doing per step exactly what the automatic loop does, in its
+order: zero the gradients, forward, backward, the `on_before_optimizer_step` hooks (StepMetrics' gradient norm),
+clipping (d2l's global norm, Lightning's own clip_gradients), the optimizer step, the per-step scheduler; the
+per-epoch scheduler after an epoch's last step. So K = 4 and K = 1 leave bit-identical weights (tests/test_steps.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gruexp import UserError
+from gruexp.compat import advance_logging_step
+
+if TYPE_CHECKING:
+    from gruexp.module import CharLM
+
+log = logging.getLogger(__name__)
+
+CUDA_STEPS_PER_CALL = 16  # `auto` on CUDA
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How training steps are run: K optimizer steps per call of the training step, and whether as a CUDA graph."""
+
+    steps_per_call: int = 1
+    cuda_graph: bool = False
+
+    @property
+    def manual(self) -> bool:
+        """True when the step engine runs the steps (Lightning's manual optimization), not Lightning's own loop."""
+        return self.steps_per_call > 1 or self.cuda_graph
+
+
+def will_use_cuda(accelerator: str) -> bool:
+    """Whether a Trainer with this `accelerator` trains on a CUDA device here."""
+    return str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def plan_steps(steps_per_call: Any, cuda_graph: Any, accelerator: str = "auto") -> StepPlan:
+    """The top-level `steps_per_call` (an int >= 1, or auto) and `cuda_graph` (auto | true | false) as a StepPlan:
+    auto is 16 steps per call and graphs on CUDA, 1 step and no graph on a CPU."""
+    cuda = will_use_cuda(accelerator)
+    if steps_per_call == "auto":
+        steps_per_call = CUDA_STEPS_PER_CALL if cuda else 1
+    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise UserError(f"steps_per_call must be an integer >= 1 or auto, got {steps_per_call!r}")
+    if cuda_graph not in ("auto", True, False):
+        raise UserError(f"cuda_graph must be auto, true or false, got {cuda_graph!r}")
+    if cuda_graph is True and not cuda:
+        raise UserError("cuda_graph=true needs a CUDA device (trainer.accelerator=gpu): use cuda_graph=auto or false")
+    return StepPlan(steps_per_call, cuda if cuda_graph == "auto" else cuda_graph)
+
+
+def check_trainer(plan: StepPlan, trainer_cfg: Any) -> None:
+    """What Lightning's manual optimization cannot take from the trainer config, refused in one line each."""
+    if not plan.manual:
+        return
+    accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise UserError(
+            f"trainer.accumulate_grad_batches={accumulate} does not combine with steps_per_call="
+            f"{plan.steps_per_call}: use steps_per_call=1, or a larger data.batch_size instead of accumulating"
+        )
+    every = trainer_cfg.get("val_check_interval")
+    if isinstance(every, int) and not isinstance(every, bool) and every % plan.steps_per_call:
+        raise UserError(
+            f"trainer.val_check_interval={every} batches must be a multiple of steps_per_call={plan.steps_per_call}"
+            " (validation runs between calls)"
+        )
+
+
+def trainer_overrides(plan: StepPlan, trainer_cfg: Any) -> dict[str, Any]:
+    """The Trainer arguments the engine takes over (clipping, the batch limit, val_check_interval in calls)."""
+    if not plan.manual:
+        return {}
+    every = trainer_cfg.get("val_check_interval")
+    out: dict[str, Any] = {"gradient_clip_val": None, "limit_train_batches": None}
+    if isinstance(every, int) and not isinstance(every, bool):
+        out["val_check_interval"] = every // plan.steps_per_call
+    return out
+
+
+def stepping_batches(trainer: Any) -> int | float:
+    """Lightning's estimated_stepping_batches (the optimizer steps of the run, for a schedule's total_steps) in
+    optimizer steps also when each call trains a chunk of K batches (Lightning would count the calls)."""
+    estimate = trainer.estimated_stepping_batches  # sets the training loader up if it is not yet
+    module = trainer.lightning_module
+    if module.automatic_optimization or estimate == float("inf"):
+        return estimate
+    loader = trainer.train_dataloader
+    per_epoch = loader.batches_per_epoch() if hasattr(loader, "batches_per_epoch") else trainer.num_training_batches
+    total = per_epoch * max(trainer.max_epochs or 1, 1)
+    return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+
+
+def _scheduler(module: CharLM, interval: str) -> Any:
+    """The scheduler CharLM.configure_optimizers set up for this interval (its frequency is always 1), or None."""
+    for config in module.trainer.lr_scheduler_configs:
+        if config.interval == interval and not config.reduce_on_plateau:
+            return config.scheduler
+    return None
+
+
+def run_chunk(module: CharLM, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Train on a chunk of k batches (X, Y: [k, B, T]): k optimizer steps as Lightning's automatic loop does them.
+
+    Returns the k losses (device tensors: no host sync) as `loss`, for the guards, and the tokens trained. A chunk
+    that would step past `trainer.max_steps` trains its first batches only; the loader hears of the rest.
+    """
+    trainer = module.trainer
+    X, Y = batch
+    k = X.shape[0]
+    if trainer.max_steps >= 0:
+        k = min(k, trainer.max_steps - trainer.global_step)
+        if k < X.shape[0]:
+            trainer.train_dataloader.untrained(X.shape[0] - k)
+    opt = module.optimizers()
+    per_step, per_epoch = _scheduler(module, "step"), _scheduler(module, "epoch")
+    losses = []
+    for i in range(k):
+        if i:
+            advance_logging_step(trainer)  # the step Lightning logs at: one per optimizer step, as at K = 1
+        opt.zero_grad()
+        loss, _ = module._step((X[i], Y[i]), carry=module.carry_state)
+        module.train_nll.update(loss, Y[i].numel())
+        module.step_metrics.keep(trainer, loss)
+        module.manual_backward(loss)
+        opt.step()  # Lightning's: the hooks (clipping: CharLM.on_before_optimizer_step), precision, global_step
+        if per_step is not None:
+            per_step.step()
+        losses.append(loss.detach())
+    if per_epoch is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        per_epoch.step()  # where Lightning steps it: after the epoch's last batch, before its validation
+    return {"loss": torch.stack(losses), "tokens": Y[:k].numel()}
