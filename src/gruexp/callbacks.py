@@ -227,6 +227,15 @@ class StepMetrics(Callback):
             metrics["train/grad_norm"] = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g) for g in grads])
             )
+        self._write(trainer, metrics)
+
+    def write(self, trainer: L.Trainer, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Log a step's loss and gradient norm computed elsewhere (a replayed CUDA graph's step) if it is logged."""
+        if trainer.loggers and should_update_logs(trainer):
+            self._write(trainer, {"train/loss": loss, "train/grad_norm": grad_norm})
+
+    @staticmethod
+    def _write(trainer: L.Trainer, metrics: dict[str, torch.Tensor]) -> None:
         if not metrics:
             return
         values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one host read for all of them

@@ -10,6 +10,8 @@ Lifting the pin means running that file first. Each is here because no public AP
   steps, and differs from it under gradient accumulation and resumes).
 - advance_logging_step: moves that step on inside one call of the training step (gruexp.steps' K steps), so
   that step metrics are logged at the optimizer step they belong to.
+- advance_optimizer_step: counts an optimizer step that ran outside Lightning's optimizer (a replayed CUDA graph's,
+  gruexp.graphs), so that global_step, max_steps and checkpoints count it.
 - checkpoint_batches_that_stepped: the same counter as a checkpoint stores it (Lightning's loop state layout), the
   step a resumed run's logging goes on from.
 - attached_trainer: the module's trainer, or None outside one (`module.trainer` raises there).
@@ -42,6 +44,13 @@ def advance_logging_step(trainer: L.Trainer) -> None:
     """Count one more optimizer step for the loggers inside a training-step call (the step engine's K steps);
     Lightning adds the call's last one itself after the call."""
     trainer.fit_loop.epoch_loop._batches_that_stepped += 1
+
+
+def advance_optimizer_step(trainer: L.Trainer) -> None:
+    """Count one optimizer step of manual optimization that did not go through LightningOptimizer.step."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.increment_ready()
+    progress.increment_completed()
 
 
 def checkpoint_batches_that_stepped(checkpoint: dict) -> int:

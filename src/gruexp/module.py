@@ -234,6 +234,7 @@ class CharLM(L.LightningModule):
         self.steps = steps = StepPlan(steps_per_call, cuda_graph)
         self.automatic_optimization = not steps.manual
         self.clip = (gradient_clip_val, gradient_clip_algorithm)
+        self.graph_steps: Any = None  # gruexp.graphs.GraphSteps once recorded; False: eager for the run
         self.carry_state = carry_state
         self.state: torch.Tensor | None = None
         self._resume: dict | None = None  # a mid-epoch checkpoint's resume_point, applied at its next batch

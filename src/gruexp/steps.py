@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gruexp import UserError
+from gruexp import UserError, graphs
 from gruexp.compat import advance_logging_step
 
 if TYPE_CHECKING:
@@ -123,10 +123,26 @@ def run_chunk(module: CharLM, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[
         k = min(k, trainer.max_steps - trainer.global_step)
         if k < X.shape[0]:
             trainer.train_dataloader.untrained(X.shape[0] - k)
-    opt = module.optimizers()
     per_step, per_epoch = _scheduler(module, "step"), _scheduler(module, "epoch")
+    graph = module.graph_steps
+    if isinstance(graph, graphs.GraphSteps) and k == graph.body.k:
+        losses = graph.train(module, X, Y, per_step)
+        if graph.recorded.failed:
+            _train_eagerly(module, graph.recorded.failed)
+    else:
+        losses = _eager_steps(module, X[:k], Y[:k], per_step)
+        if graph is None and module.steps.cuda_graph and k == module.steps.steps_per_call:
+            _set_up_graph(module, X, Y)
+    if per_epoch is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        per_epoch.step()  # where Lightning steps it: after the epoch's last batch, before its validation
+    return {"loss": losses, "tokens": Y[:k].numel()}
+
+
+def _eager_steps(module: CharLM, X: torch.Tensor, Y: torch.Tensor, per_step: Any) -> torch.Tensor:
+    """The chunk's steps one by one, each through Lightning's optimizer; returns their losses."""
+    trainer, opt = module.trainer, module.optimizers()
     losses = []
-    for i in range(k):
+    for i in range(X.shape[0]):
         if i:
             advance_logging_step(trainer)  # the step Lightning logs at: one per optimizer step, as at K = 1
         opt.zero_grad()
@@ -138,6 +154,23 @@ def run_chunk(module: CharLM, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[
         if per_step is not None:
             per_step.step()
         losses.append(loss.detach())
-    if per_epoch is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-        per_epoch.step()  # where Lightning steps it: after the epoch's last batch, before its validation
-    return {"loss": torch.stack(losses), "tokens": Y[:k].numel()}
+    return torch.stack(losses)
+
+
+def _set_up_graph(module: CharLM, X: torch.Tensor, Y: torch.Tensor) -> None:
+    """After the first full chunk (which made the optimizer's state), the graph of the next ones; or, where the
+    body cannot be recorded, eager steps for the rest of the run, said once."""
+    reason = graphs.why_eager(module)
+    if reason is None:
+        graph = graphs.GraphSteps(module, X, Y)
+        reason = graph.dry_run(X, Y, module.state)
+    if reason is not None:
+        _train_eagerly(module, reason)
+    else:
+        module.graph_steps = graph
+
+
+def _train_eagerly(module: CharLM, reason: str) -> None:
+    module.graph_steps = False
+    if module.global_rank == 0:
+        log.warning("cuda_graph: %s; training eagerly, %d steps per call", reason, module.steps.steps_per_call)

@@ -9,8 +9,9 @@ loop), which is how the tests hold it against the other backends without a GPU.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import _VF, Tensor
+
+from gruexp.models.onehot import one_hot
 
 
 def forward(
@@ -22,7 +23,7 @@ def forward(
     in the parameters' dtype whatever autocast says (no silent fp16/bf16 recurrence: the recurrence is fp32).
     """
     w = params[0]
-    x = F.one_hot(tokens, w.shape[1]).to(w.dtype)
+    x = one_hot(tokens, w.shape[1], w.dtype)
     args = (x, h0.to(w.dtype), params, True, num_layers, dropout, training, False, False)
     # Generation calls this once per token: the autocast context is entered only under autocast.
     if not torch.is_autocast_enabled(w.device.type):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from gruexp.models.onehot import one_hot
 
 
 class ScratchGRU(nn.Module):
@@ -28,7 +29,7 @@ class ScratchGRU(nn.Module):
 
     def forward(self, tokens: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, V] and the final state [1, B, H]; state None means zeros."""
-        X = F.one_hot(tokens.T, self.vocab_size).to(self.W_xz.dtype)  # [T, B, V]
+        X = one_hot(tokens.T, self.vocab_size, self.W_xz.dtype)  # [T, B, V]
         H = self.W_hz.new_zeros(tokens.shape[0], self.hidden_size) if state is None else state[0]
         outputs = []
         for X_t in X:

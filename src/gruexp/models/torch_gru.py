@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from gruexp.models.onehot import one_hot
 
 
 class TorchGRU(nn.Module):
@@ -17,6 +18,6 @@ class TorchGRU(nn.Module):
 
     def forward(self, tokens: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, V] and final state [num_layers, B, H]; state None means zeros."""
-        X = F.one_hot(tokens, self.vocab_size).to(self.linear.weight.dtype)  # [B, T, V]
+        X = one_hot(tokens, self.vocab_size, self.linear.weight.dtype)  # [B, T, V]
         Y, state = self.rnn(X, state)
         return self.linear(Y), state
