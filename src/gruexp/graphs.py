@@ -192,7 +192,12 @@ class KSteps:
         for i in range(self.k):
             logits, h_next = self.net(self.X[i], h if self.carry else None)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.Y[i].reshape(-1))
-            grads = torch.autograd.grad(loss, self.params)
+            # in the layout backward() gives .grad (AccumulateGrad's, the parameter's): a norm reduces a
+            # transposed gradient in another order, to another rounding
+            grads = [
+                g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+                for p, g in zip(self.params, torch.autograd.grad(loss, self.params), strict=True)
+            ]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             with torch.no_grad():
                 if self.clip:
