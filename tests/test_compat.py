@@ -12,6 +12,7 @@ import typing
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from gruexp import compat
@@ -117,6 +118,69 @@ def test_rich_bar_private_methods_reach_the_public_ones(fitted):
     _, _, bar = fitted
     assert bar.calls[0] == "start_bar" and "stop_bar" in bar.calls
     assert "train_description 0" in bar.calls
+
+
+class ManualSteps(Probe):
+    """Manual optimization whose every call counts two optimizer steps it took itself (as a replayed graph does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        for _ in range(2):
+            compat.advance_optimizer_step(self.trainer)
+
+
+def test_advance_optimizer_step_counts_steps_for_global_step_and_max_steps():
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, max_epochs=1, logger=False, barebones=True)
+    trainer.fit(ManualSteps(), loader())
+    assert trainer.global_step == 6 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3
+
+
+class Position(DataLoader):
+    """A loader with a saved position (as gruexp's StreamLoader): the batches it handed out; what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(TensorDataset(torch.randn(BATCHES * 2, 2)), batch_size=2)
+        self.handed, self.loaded = 0, []
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.handed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"handed": self.handed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded.append(state)
+
+
+class EstimatesItsSteps(Probe):
+    """configure_optimizers reads estimated_stepping_batches (a schedule's total), which sets the loader up early."""
+
+    def __init__(self, forget: bool) -> None:
+        super().__init__()
+        self.forget = forget
+
+    def configure_optimizers(self):
+        assert self.trainer.estimated_stepping_batches == BATCHES
+        if self.forget:
+            compat.forget_train_loader(self.trainer)
+        return super().configure_optimizers()
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_forget_train_loader_lets_a_resume_load_the_loaders_position(tmp_path, forget):
+    """Without it the early loader is the one trained and never hears of the saved position (the bug it fixes)."""
+    quiet = {"accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_progress_bar": False}
+    mid = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    L.Trainer(callbacks=[mid], enable_model_summary=False, **quiet).fit(Probe(), Position())
+    data = Position()
+    resumed = L.Trainer(enable_checkpointing=False, enable_model_summary=False, **quiet)
+    resumed.fit(EstimatesItsSteps(forget), data, ckpt_path=tmp_path / "step=2.ckpt")
+    assert data.loaded == ([{"handed": 2}] if forget else [])
 
 
 def test_launch_py_private_names_exist():

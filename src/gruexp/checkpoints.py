@@ -159,6 +159,7 @@ class Resume:
     global_step: int | None
     log_step: int  # the logging step it resumes at: what its run logged before that step is its history
     wandb_id: str | None
+    steps_per_call: int  # the K it trained with (1 before steps_per_call existed)
 
 
 def read_resume(path: str | os.PathLike) -> Resume:
@@ -166,14 +167,26 @@ def read_resume(path: str | os.PathLike) -> Resume:
     from gruexp.compat import checkpoint_batches_that_stepped
 
     ckpt = _read(Path(path))
-    run_id = (ckpt.get("gruexp_resume") or {}).get("wandb_id")
+    saved = ckpt.get("gruexp_resume") or {}
+    run_id = saved.get("wandb_id")
     return Resume(
         path=str(path),
         epochs=ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed"),
         global_step=ckpt.get("global_step"),
         log_step=checkpoint_batches_that_stepped(ckpt),
         wandb_id=run_id if isinstance(run_id, str) else None,
+        steps_per_call=int(saved.get("steps_per_call", 1)),
     )
+
+
+def check_steps_per_call(resume: Resume, steps_per_call: int) -> None:
+    """A run resumes with the steps_per_call it trained with: Lightning's loops count training-step calls, and its
+    automatic and manual optimization count steps apart, so another K would restart or misplace them."""
+    if resume.steps_per_call != steps_per_call:
+        raise UserError(
+            f"{resume.path} was trained with steps_per_call={resume.steps_per_call}, this run has "
+            f"steps_per_call={steps_per_call}: resume with steps_per_call={resume.steps_per_call}"
+        )
 
 
 def check_training_left(resume: Resume, max_epochs: int | None, max_steps: int | None) -> None:

@@ -12,6 +12,9 @@ Lifting the pin means running that file first. Each is here because no public AP
   that step metrics are logged at the optimizer step they belong to.
 - advance_optimizer_step: counts an optimizer step that ran outside Lightning's optimizer (a replayed CUDA graph's,
   gruexp.graphs), so that global_step, max_steps and checkpoints count it.
+- forget_train_loader: drops the training loader that estimated_stepping_batches set up (in configure_optimizers,
+  before a checkpoint's loop state is restored): Lightning sets its loader up once per fit and loads a saved loader
+  position only then, so a resumed run would start its epoch over; forgotten, the fit loop sets it up again.
 - checkpoint_batches_that_stepped: the same counter as a checkpoint stores it (Lightning's loop state layout), the
   step a resumed run's logging goes on from.
 - attached_trainer: the module's trainer, or None outside one (`module.trainer` raises there).
@@ -51,6 +54,11 @@ def advance_optimizer_step(trainer: L.Trainer) -> None:
     progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
     progress.increment_ready()
     progress.increment_completed()
+
+
+def forget_train_loader(trainer: L.Trainer) -> None:
+    """Make the fit loop set its training loader up again when it starts (then with a resumed run's position)."""
+    trainer.fit_loop._combined_loader = None
 
 
 def checkpoint_batches_that_stepped(checkpoint: dict) -> int:

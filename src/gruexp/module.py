@@ -124,6 +124,7 @@ def resume_point(module: CharLM) -> dict[str, Any]:
         # the index of the next training batch (the loader's own state says where the data continues)
         "batch": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
         "world_size": trainer.world_size,
+        "steps_per_call": module.steps.steps_per_call,  # the loops count calls: a resume must keep K
         "state": None if state is None else gather(state),
         "train_ppl": {k: gather(v) for k, v in module.train_nll.metric_state.items()},
         **rng_states(module.device),  # dropout's; the partitions draw from their own seeded generators

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gruexp import UserError, graphs
-from gruexp.compat import advance_logging_step
+from gruexp.compat import advance_logging_step, forget_train_loader
 
 if TYPE_CHECKING:
     from gruexp.module import CharLM
@@ -92,11 +92,13 @@ def trainer_overrides(plan: StepPlan, trainer_cfg: Any) -> dict[str, Any]:
 def stepping_batches(trainer: Any) -> int | float:
     """Lightning's estimated_stepping_batches (the optimizer steps of the run, for a schedule's total_steps) in
     optimizer steps also when each call trains a chunk of K batches (Lightning would count the calls)."""
+    early = trainer.train_dataloader is None
     estimate = trainer.estimated_stepping_batches  # sets the training loader up if it is not yet
-    module = trainer.lightning_module
-    if module.automatic_optimization or estimate == float("inf"):
-        return estimate
     loader = trainer.train_dataloader
+    if early:  # set up before a resume's loader position is restored: the fit loop sets it up again, with it
+        forget_train_loader(trainer)
+    if trainer.lightning_module.automatic_optimization or estimate == float("inf"):
+        return estimate
     per_epoch = loader.batches_per_epoch() if hasattr(loader, "batches_per_epoch") else trainer.num_training_batches
     total = per_epoch * max(trainer.max_epochs or 1, 1)
     return min(total, trainer.max_steps) if trainer.max_steps != -1 else total

@@ -55,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if not child:
                 log.info("data: %s", datamodule.describe())
             vocab = datamodule.vocab.idx_to_token
-            resume = _checkpoint_to_resume(cfg, vocab, verbose=not child)
+            resume = _checkpoint_to_resume(cfg, vocab, plan.steps_per_call, verbose=not child)
             preflight.check_memory(cfg, len(vocab))  # before the model allocates anything
             optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.get("scheduler"))
             clip = {k: cfg.trainer.get(k) for k in ("gradient_clip_val", "gradient_clip_algorithm")} if engine else {}
@@ -79,14 +79,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return record.summary
 
 
-def _checkpoint_to_resume(cfg: DictConfig, vocab: list[str], verbose: bool) -> checkpoints.Resume | None:
+def _checkpoint_to_resume(
+    cfg: DictConfig, vocab: list[str], steps_per_call: int, verbose: bool
+) -> checkpoints.Resume | None:
     """The checkpoint `ckpt_path` names, refused in one line if it is of another model, size, vocabulary or split
-    (not resumed silently) or leaves nothing to train."""
+    (not resumed silently), trained with another steps_per_call, or leaves nothing to train."""
     expect = checkpoints.model_signature(cfg.model, vocab) | checkpoints.split_signature(cfg.data)
     ckpt_path = checkpoints.resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), expect=expect)
     if not ckpt_path:
         return None
     resume = checkpoints.read_resume(ckpt_path)
+    checkpoints.check_steps_per_call(resume, steps_per_call)
     checkpoints.check_training_left(resume, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
     if verbose and str(cfg.ckpt_path) != "last":  # `last` has named its file already
         log.info("resuming %s", ckpt_path)
