@@ -3,6 +3,7 @@
 
     python scripts/bench.py [--device cpu|cuda] [--threads 2] [--shapes 32x256,128x512,128x1024] [--json PATH]
                             [--repeat N]
+    python scripts/bench.py --framework [--steps-per-call K] [bench_framework.py's options]
 
 A training step is what CharLM does each batch: forward (state carried, detached), cross-entropy, backward,
 clip the global gradient norm to 1, SGD step (d2l's train_ch8). An inference step is one token of generation
@@ -12,7 +13,8 @@ The fp32 GEMM rate is sampled in the same turns and gives each shape's compute-b
 Tokens are random ids: the rate of a GRU does not depend on the text.
 
 --repeat N runs all of it N times and reports each ratio's median and spread (min-max) over the runs.
-What Lightning's loop costs over the same training step is bench_framework.py's to measure.
+What Lightning's loop costs over the same training step is bench_framework.py's to measure: --framework runs it
+with the other options (its --help lists them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import statistics
 import sys
 from collections.abc import Callable, Iterable
 
+import bench_framework
 import torch
 from benchlib import (
     DEFAULT_SHAPES,
@@ -167,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--infer-chunk", type=int, default=20, help="tokens per timed inference sample (default 20)")
     p.add_argument("--gemm-size", type=int, default=None, help="n of the n x n fp32 GEMM (default cpu 1024, cuda 4096)")
+    p.add_argument(
+        "--framework",
+        action="store_true",
+        help="time CharLM through Lightning's loop instead: bench_framework.py with the other options"
+        " (--steps-per-call K among them; `--framework --help` lists them)",
+    )
     return p
 
 
@@ -245,7 +254,14 @@ def ratios(report: dict) -> Iterable[tuple[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--framework" in argv:
+        argv.remove("--framework")
+        bench_framework.main(argv)  # its own parser: its options, its one-line errors
+        return
     parser = build_parser()
+    if any(a.split("=")[0] == "--steps-per-call" for a in argv):
+        parser.error("--steps-per-call K is a setting of Lightning's loop: give it with --framework")
     args = parser.parse_args(argv)
     check_common_options(parser, args, ("steps", "round", "infer_chunk", "gemm_size"))
     if args.infer_tokens < 0:

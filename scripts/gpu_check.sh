@@ -7,6 +7,7 @@
 # 2. a 1-GPU strategy=ddp run (NCCL process group)
 # 3. bf16-mixed runs of scratch, torch and fused (short)
 # 4. scripts/bench.py --device cuda, and scripts/bench_framework.py at B32 H256 (through Lightning vs the bare step)
+#    and scripts/bench_graphs.py (every variant at B32 H256 and B128 H512: K=1 eager against K=16 as a CUDA graph)
 # 5. a 2-job hydra/launcher=local sweep on the GPU(s), each job on its own GPU when there are 2 or more
 #
 # Writes OUT_DIR/gpu_check_<UTC date-time>.md (device, versions, each step's status and key numbers) and the
@@ -147,6 +148,18 @@ if [ $rc -eq 0 ] && nums=$("$PY" scripts/gpu_check_numbers.py framework "$WORK/b
   record "bench_framework.py --device cuda" pass "$nums" "$WORK/bench-framework.log"
 else
   record "bench_framework.py --device cuda" FAIL "exit $rc" "$WORK/bench-framework.log"
+fi
+
+# 4c. CUDA graphs: each variant trained at B32 H256 and B128 H512 with K=1 eager and with K=16 captured as a graph,
+# tokens/s, MFU and graph/eager against the issue's targets (12 short runs; fails if a run failed or fell back)
+"$PY" scripts/bench_graphs.py --device cuda --shapes 32x256,128x512 --variants scratch,torch,fused \
+  --runs-dir "$WORK/graphs" --json "$WORK/bench-graphs.json" >"$WORK/bench-graphs.log" 2>&1
+rc=$?
+if [ -s "$WORK/bench-graphs.json" ] && nums=$("$PY" scripts/gpu_check_numbers.py graphs "$WORK/bench-graphs.json"); then
+  [ $rc -eq 0 ] && status=pass || status=FAIL
+  record "bench_graphs.py --device cuda" "$status" "exit $rc; $nums" "$WORK/bench-graphs.log"
+else
+  record "bench_graphs.py --device cuda" FAIL "exit $rc" "$WORK/bench-graphs.log"
 fi
 
 # 5. two jobs side by side under hydra/launcher=local: each its own GPU when the machine has 2 or more

@@ -4,6 +4,7 @@
     python scripts/gpu_check_numbers.py run RUN_DIR          # a training run: status, val/ppl, tokens/sec
     python scripts/gpu_check_numbers.py bench BENCH_JSON     # bench.py --json: training tokens/sec, smallest shape
     python scripts/gpu_check_numbers.py framework JSON       # bench_framework.py --json: the ratios through Lightning
+    python scripts/gpu_check_numbers.py graphs JSON          # bench_graphs.py --json: graph/eager tokens/s and MFU
 
 Here and not in the shell script, so that a CPU machine tests them on files made the same way (the GPU steps
 themselves only run where there is a GPU).
@@ -44,16 +45,43 @@ def framework_line(report: dict) -> str:
     )
 
 
+def graphs_line(report: dict) -> str:
+    """Per variant and shape: eager -> graph tokens/s and MFU, graph/eager against its target; a fallback named."""
+
+    def num(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    label, parts = report["graph_label"], []
+    for r in report["ratios"]:
+        ratio, target = r["graph/eager"], r.get("target graph/eager")
+        part = (
+            f"{r['variant']} B{r['batch']} H{r['hidden']}: {num(r['eager_tokens_per_sec'], ',.0f')} -> "
+            f"{num(r['graph_tokens_per_sec'], ',.0f')} tokens/sec, {label}/eager {num(ratio, '.2f')}"
+        )
+        if target is not None:
+            part += f" ({'ok' if ratio is not None and ratio >= target else 'below'} {target:g})"
+        if r["eager_mfu"] is not None or r["graph_mfu"] is not None:
+            part += f", MFU {num(r['eager_mfu'], '.4f')} -> {num(r['graph_mfu'], '.4f')}"
+        parts.append(part)
+    fell_back = [f"{r['variant']} B{r['batch']} H{r['hidden']}" for r in report["runs"] if r["fallback"]]
+    if fell_back:
+        parts.append(f"eager fallback in: {', '.join(fell_back)}")
+    return "; ".join(parts)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("run", "bench", "framework"):
-        print("usage: gpu_check_numbers.py run RUN_DIR | bench BENCH_JSON | framework FRAMEWORK_JSON", file=sys.stderr)
+    kinds = {"bench": bench_line, "framework": framework_line, "graphs": graphs_line}
+    if len(argv) != 2 or argv[0] not in ("run", *kinds):
+        print(
+            "usage: gpu_check_numbers.py run RUN_DIR | bench BENCH_JSON | framework FRAMEWORK_JSON | graphs JSON",
+            file=sys.stderr,
+        )
         return 2
     kind, path = argv[0], Path(argv[1])
     if kind == "run":
         print(run_line(path))
     else:
-        report = json.loads(path.read_text())
-        print(bench_line(report) if kind == "bench" else framework_line(report))
+        print(kinds[kind](json.loads(path.read_text())))
     return 0
 
 
