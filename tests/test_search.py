@@ -253,6 +253,25 @@ def test_killed_sweep_running_trial_is_failed_and_retried(tmp_path, corpus_path)
 
 
 @pytest.mark.slow
+def test_a_trial_at_four_steps_per_call_reports_and_is_pruned_as_at_one(tmp_path, corpus_path):
+    """steps_per_call=4 changes nothing Optuna sees: the same val/ppl at each validation, pruned at the same one
+    (ThresholdPruner after one warm-up validation: at the second of 3) and the same step."""
+    pruner = "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, upper: 1.0, n_warmup_steps: 2}"
+    seen = []
+    for k in (1, 4):
+        (tmp_path / str(k)).mkdir()
+        args = [*SEARCH, pruner, "hydra.sweeper.n_trials=1", "trainer.max_epochs=3", f"steps_per_call={k}"]
+        r = run_cli("gruexp.train", *args, "trainer.accelerator=cpu", cwd=tmp_path / str(k))
+        assert r.returncode == 0, r.stderr[-3000:]
+        folder = study_folder(tmp_path / str(k))
+        (trial,) = load(folder).trials
+        summary = summaries(folder)[0]
+        assert trial.state == TrialState.PRUNED and (summary["status"], summary["pruned_epoch"]) == ("pruned", 2)
+        seen.append((trial.params, trial.intermediate_values, summary["global_step"]))
+    assert seen[0] == seen[1] and list(seen[0][1]) == [1, 2]
+
+
+@pytest.mark.slow
 def test_pruned_trial_stops_both_ddp_ranks_at_the_same_step(tmp_path, corpus_path):
     # ThresholdPruner: any val/ppl above 1 prunes, so the trial stops after its first validation of 3
     pruner = "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, upper: 1.0}"
