@@ -40,9 +40,20 @@ def op_loop(monkeypatch):
     monkeypatch.setenv("GRUEXP_FUSED_CPU", "ops")
 
 
-def fit(name: str, optimizer, k: int, graph: bool, steps: int, num_layers: int = 1, logger=False, change_net=None):
-    """A tiny CharLM trained `steps` optimizer steps on a CPU, k steps per call, recorded (graph) or eager;
-    `change_net(net)` first, if given."""
+def fit(
+    name: str,
+    optimizer,
+    k: int,
+    graph: bool,
+    steps: int,
+    num_layers: int = 1,
+    logger=False,
+    change_net=None,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+):
+    """A tiny CharLM trained `steps` optimizer steps (on a CPU unless told), k steps per call, recorded (graph) or
+    eager; `change_net(net)` first, if given."""
     L.seed_everything(0, verbose=False)
     data = CharDataModule(batch_size=B, num_steps=T, max_tokens=600, steps_per_call=k)  # 18 batches an epoch
     dropout = {"dropout": 0.2} if num_layers > 1 else {}
@@ -61,7 +72,9 @@ def fit(name: str, optimizer, k: int, graph: bool, steps: int, num_layers: int =
     if change_net is not None:
         change_net(model.net)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
         max_steps=steps,
         max_epochs=5,
         gradient_clip_val=None if k > 1 or graph else 0.5,
@@ -234,3 +247,22 @@ def test_no_host_sync_fails_every_kind_of_host_read(read):
         (t * 2 + 1).clamp(max=1.0).sum()
         with pytest.raises(HostSync, match="host"):
             read(t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize(
+    ("name", "backend"), [("scratch", None), ("torch", None), ("fused", "cudnn"), ("fused", "ops")], ids=str
+)
+def test_on_cuda_the_captured_graph_replays_and_trains_as_eager_steps(monkeypatch, name, backend, precision):
+    """A CUDA graph captured once and replayed (no fallback) trains the weights of eager K = 4 to rounding: torch's
+    eager optimizers run their foreach kernels on CUDA, the graph torch's single-tensor formulas."""
+    if backend:
+        monkeypatch.setenv("GRUEXP_FUSED_GPU", backend)
+    runs = [fit(name, ADAM, 4, graph, steps=20, accelerator="gpu", precision=precision) for graph in (True, False)]
+    assert isinstance(runs[0].graph_steps, graphs.GraphSteps) and runs[0].graph_steps.replays >= 2
+    assert runs[0].graph_steps.recorded.cuda and runs[0].graph_steps.recorded.failed is None
+    eager = runs[1].state_dict()
+    for key, value in runs[0].state_dict().items():
+        torch.testing.assert_close(value, eager[key], rtol=1e-3, atol=1e-4, msg=key)

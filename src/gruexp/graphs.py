@@ -167,7 +167,9 @@ class KSteps:
         self.X, self.Y = torch.zeros_like(X), torch.zeros_like(Y)
         self.h = torch.zeros_like(state) if self.carry else None
         # each step's scalars from the host: its learning rate (the scheduler's), Adam's bias corrections
-        self.scalars = torch.zeros(k, 2, dtype=self.params[0].dtype, device=device)
+        # (in fp32 at least: a bf16-true run's learning rate is not rounded to bf16, as torch's host float is not)
+        dtype = torch.promote_types(self.params[0].dtype, torch.float32)
+        self.scalars = torch.zeros(k, 2, dtype=dtype, device=device)
         self.losses = torch.zeros(k, device=device)
         self.norms = torch.zeros(k, device=device)
 
