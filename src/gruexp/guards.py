@@ -36,12 +36,17 @@ DIVERGED_EXIT = 3
 class Diverged(RuntimeError):
     """The training loss became non-finite; raised before any checkpoint could take the weights that followed it."""
 
-    def __init__(self, step: int, epoch: int, loss: float):
+    def __init__(self, step: int, epoch: int, loss: float, clip: float | None = None):
+        """`clip`: the gradient clipping norm the run had (None: no clipping), for the advice."""
         self.step, self.epoch, self.loss = step, epoch, loss
+        advice = (
+            "clip gradients (trainer.gradient_clip_val=1.0)"
+            if not clip
+            else f"clip harder (trainer.gradient_clip_val is {clip:g})"
+        )
         super().__init__(
             f"training diverged: loss is {loss:.4g} (perplexity exp(loss) is not finite) at step {step} "
-            f"(epoch {epoch}); "
-            "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=1.0)"
+            f"(epoch {epoch}); lower optimizer.lr or {advice}"
         )
 
 
@@ -120,7 +125,9 @@ class StepChecks:
             loss = float(at[0]) if at else math.nan
             if math.isfinite(loss) and loss < 88:
                 loss = math.nan  # another rank's loss was the bad one: this rank cannot name it
-            raise Diverged(step, trainer.current_epoch, loss)
+            # the Trainer clips at K = 1, the module under the step engine (gruexp.steps)
+            clip = trainer.gradient_clip_val or getattr(pl_module, "clip", (None,))[0]
+            raise Diverged(step, trainer.current_epoch, loss, clip)
 
     def at_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any) -> None:
         """After each training batch: keep its loss, check when due, stop (after this batch) on an agreed signal.
