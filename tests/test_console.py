@@ -37,6 +37,7 @@ NOISE = [
     "Restored all states",
     "distributed_backend=",
     "estimate number of stepping batches",  # a per-step schedule asking Lightning for the run's total steps
+    "with manual optimization and every_n_train_steps",  # steps_per_call > 1 with a step checkpoint
 ]
 # The d2l_classic shape (8 batches an epoch, log_every_n_steps must fit), tiny hidden size, validation every epoch.
 D2L_TINY = [
@@ -80,6 +81,20 @@ def test_run_and_resume_print_only_config_epochs_and_result(tmp_path):
     assert "epoch 1/2" not in out and re.search(r"^\d\d:\d\d:\d\d epoch 2/2 \| train/ppl", out, re.M)
     assert out.count(f"resuming {first}") == 1 and "Restoring states" not in out
     assert len(RESULT.findall(out)) == 1
+
+
+def test_steps_per_call_with_a_step_checkpoint_prints_no_manual_optimization_advice(tmp_path):
+    """At K > 1 (Lightning's manual optimization) a ModelCheckpoint every N steps saves the weights after the step,
+    as at K = 1: Lightning's advice to save the state before it is noise."""
+    every = [
+        "+callbacks.every._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.every.dirpath=${paths.output_dir}/every",
+        "+callbacks.every.every_n_train_steps=4",
+    ]
+    r = run_cli("gruexp.train", *TINY, "trainer.max_epochs=1", "steps_per_call=4", *every, f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_quiet(r.stdout + r.stderr)
+    assert list((tmp_path / "every").glob("*.ckpt"))
 
 
 @pytest.mark.slow

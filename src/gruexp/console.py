@@ -53,6 +53,9 @@ NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (Warning, r"The '\w+' does not have many workers which may be a bottleneck"),
     # fit_loop.py, in every short trial: gruexp logs each epoch's figures at its end whatever log_every_n_steps is
     (Warning, r"The number of training batches \(\d+\) is smaller than the logging interval"),
+    # model_checkpoint.py, at steps_per_call > 1 (manual optimization) with every_n_train_steps: a step's checkpoint
+    # holds the weights after that step, as Lightning's automatic optimization saves them at K = 1
+    (Warning, r"Using ModelCheckpoint with manual optimization and every_n_train_steps"),
     # configuration_validator.py: a run with data.val_fraction=0 has no validation split by the user's choice
     (Warning, r"You defined a `validation_step` but have no `val_dataloader`\. Skipping val loop\."),
 )
