@@ -126,7 +126,7 @@ class StepChecks:
             if math.isfinite(loss) and loss < 88:
                 loss = math.nan  # another rank's loss was the bad one: this rank cannot name it
             # the Trainer clips at K = 1, the module under the step engine (gruexp.steps)
-            clip = trainer.gradient_clip_val or getattr(pl_module, "clip", (None,))[0]
+            clip = getattr(trainer, "gradient_clip_val", None) or getattr(pl_module, "clip", (None,))[0]
             raise Diverged(step, trainer.current_epoch, loss, clip)
 
     def at_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any) -> None:
