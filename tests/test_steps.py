@@ -88,6 +88,29 @@ def test_k4_trains_bit_identical_weights_to_k1(make_cfg, tmp_path, corpus_path, 
     assert max(float(r["train/grad_norm"]) for r in step_rows(tmp_path / "1")) > 0.1
 
 
+def test_k4_runs_every_per_step_hook_as_k1_does_directly_or_through_lightnings_layers(make_cfg, tmp_path, corpus_path):
+    """Each step's on_before_backward, on_after_backward and on_before_optimizer_step, in Lightning's order, at its
+    global_step, with its name set: at K=4 called directly (one device, no profiler) and through Lightning's own
+    layers (a profiler on), as at K=1; and the weights of both are K=1's."""
+    args = ["model=fused", *SGD, *COSINE, "trainer.max_steps=10"]
+    runs = {"1": (1, []), "4": (4, []), "4-layers": (4, ["+trainer.profiler=simple"])}
+    calls = {}
+    for name, (k, extra) in runs.items():
+        record = [
+            "+callbacks.hooks._target_=helpers.mid_chunk.HookOrder",
+            f"+callbacks.hooks.path={tmp_path}/{name}.json",
+        ]
+        fit(make_cfg, tmp_path / name, k, *args, *record, *extra)
+        calls[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    hooks = ["on_before_backward", "on_after_backward", "on_before_optimizer_step"]
+    assert calls["1"]["calls"] == [[h, step, h] for step in range(10) for h in hooks]
+    assert calls["4"]["calls"] == calls["1"]["calls"] and calls["4-layers"]["calls"] == calls["1"]["calls"]
+    through = {name: c["through_lightning"] for name, c in calls.items()}
+    assert through == {"1": [True], "4": [False], "4-layers": [True]}
+    for name in ("4", "4-layers"):
+        assert_same_weights(last(tmp_path / "1")["state_dict"], last(tmp_path / name)["state_dict"])
+
+
 # --- 2. mid-epoch resume ----------------------------------------------------------------------------------------------
 
 

@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from gruexp import UserError, graphs
-from gruexp.compat import advance_logging_step, forget_train_loader
+from gruexp.compat import CURRENT_HOOK, advance_logging_step, advance_optimizer_step, forget_train_loader
 
 if TYPE_CHECKING:
     from gruexp.module import CharLM
@@ -141,9 +146,64 @@ def run_chunk(module: CharLM, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[
     return {"loss": losses, "tokens": Y[:k].numel()}
 
 
+class StepHooks:
+    """The hooks Lightning's manual_backward and LightningOptimizer.step run each step, in their order, found once
+    per chunk: only the callbacks' and the module's that override them.
+
+    Lightning's own layers around them (strategy, precision plugin, profiler, a call per callback and hook) are
+    Python paid every step, which K > 1 exists to remove (docs/benchmarks.md); called directly, only the hooks
+    that do something run. Only where those layers add nothing: one device, no GradScaler, no profiler
+    (`direct_hooks`); elsewhere the steps go through Lightning.
+    """
+
+    NAMES = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+    def __init__(self, trainer: Any, module: CharLM) -> None:
+        self.trainer, self.module = trainer, module
+        self.by_name = {
+            name: (
+                [getattr(cb, name) for cb in trainer.callbacks if is_overridden(name, cb, Callback)],
+                getattr(module, name) if is_overridden(name, module, LightningModule) else None,
+            )
+            for name in self.NAMES
+        }
+
+    def __call__(self, name: str, *args: Any) -> None:
+        """Run hook `name` as Lightning does: the callbacks', then the module's, the hook's name set meanwhile."""
+        callbacks, own = self.by_name[name]
+        if not callbacks and own is None:
+            return
+        module, previous = self.module, getattr(self.module, CURRENT_HOOK)
+        setattr(module, CURRENT_HOOK, name)  # what self.log inside a hook checks
+        for fn in callbacks:
+            fn(self.trainer, module, *args)
+        if own is not None:
+            own(*args)
+        setattr(module, CURRENT_HOOK, previous)
+
+
+def direct_hooks(module: CharLM) -> StepHooks | None:
+    """StepHooks where the eager steps may run backward, the hooks and the optimizer themselves; None where
+    Lightning's layers do work of their own: DDP's reducer, a GradScaler, a profiler, another strategy."""
+    trainer = module.trainer
+    plugin = trainer.precision_plugin
+    plain = type(plugin) in (Precision, HalfPrecision, DoublePrecision)
+    unscaled = type(plugin) is MixedPrecision and plugin.scaler is None
+    if (
+        trainer.world_size == 1
+        and type(trainer.strategy) is SingleDeviceStrategy
+        and isinstance(trainer.profiler, PassThroughProfiler)
+        and (plain or unscaled)
+    ):
+        return StepHooks(trainer, module)
+    return None
+
+
 def _eager_steps(module: CharLM, X: torch.Tensor, Y: torch.Tensor, per_step: Any) -> torch.Tensor:
-    """The chunk's steps one by one, each through Lightning's optimizer; returns their losses."""
+    """The chunk's steps one by one, as Lightning's manual_backward and optimizer step run them (or through them,
+    where they do more: direct_hooks); returns their losses."""
     trainer, opt = module.trainer, module.optimizers()
+    hooks = direct_hooks(module)
     losses = []
     for i in range(X.shape[0]):
         if i:
@@ -152,8 +212,16 @@ def _eager_steps(module: CharLM, X: torch.Tensor, Y: torch.Tensor, per_step: Any
         loss, _ = module._step((X[i], Y[i]), carry=module.carry_state)
         module.train_nll.update(loss, Y[i].numel())
         module.step_metrics.keep(trainer, loss)
-        module.manual_backward(loss)
-        opt.step()  # Lightning's: the hooks (clipping: CharLM.on_before_optimizer_step), precision, global_step
+        if hooks is None:
+            module.manual_backward(loss)
+            opt.step()  # Lightning's: the hooks (clipping: CharLM.on_before_optimizer_step), precision, global_step
+        else:
+            hooks("on_before_backward", loss)
+            module.backward(loss)
+            hooks("on_after_backward")
+            hooks("on_before_optimizer_step", opt.optimizer)  # StepMetrics' gradient norm, then the clipping
+            opt.optimizer.step()
+            advance_optimizer_step(trainer)
         if per_step is not None:
             per_step.step()
         losses.append(loss.detach())

@@ -6,6 +6,8 @@ on_before_optimizer_step, which Lightning calls at every optimizer step (K per c
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import os
 import signal
@@ -37,3 +39,29 @@ class NanGradsAt(Callback):
             for p in pl_module.parameters():
                 if p.grad is not None:
                     p.grad.fill_(math.nan)
+
+
+class HookOrder(Callback):
+    """Record each per-step hook Lightning calls around backward and the optimizer step, with global_step and the
+    hook name the module holds meanwhile, and whether on_before_backward came through Lightning's precision plugin
+    (its pre_backward is on the stack); written to `path` (JSON) at the end of training."""
+
+    def __init__(self, path: str):
+        self.path, self.calls, self.through_lightning = path, [], set()
+
+    def _note(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str) -> None:
+        self.calls.append([hook, trainer.global_step, pl_module._current_fx_name])
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._note(trainer, pl_module, "on_before_backward")
+        self.through_lightning.add(any(f.function == "pre_backward" for f in inspect.stack(0)))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._note(trainer, pl_module, "on_after_backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._note(trainer, pl_module, "on_before_optimizer_step")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(self.path, "w") as f:
+            json.dump({"calls": self.calls, "through_lightning": sorted(self.through_lightning)}, f)
