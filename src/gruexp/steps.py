@@ -1,7 +1,7 @@
 """The step engine: one call of the training step runs K optimizer steps (`steps_per_call`), so that Python and
 Lightning's loop are paid once per K steps; on CUDA the K-step body is captured once as a CUDA graph and replayed.
 
-K = 1 (the default on a CPU, where K > 1 gains only 3-5 %: docs/benchmarks.md) is Lightning's own automatic
+K = 1 (the default on a CPU, where K > 1 gains only 3-6 %: docs/benchmarks.md) is Lightning's own automatic
 optimization, untouched. K > 1 is Lightning's manual optimization, doing per step exactly what the automatic loop
 does, in its order: zero the gradients, forward, backward, the `on_before_optimizer_step` hooks (StepMetrics'
 gradient norm), clipping (d2l's global norm, Lightning's own clip_gradients), the optimizer step, the per-step
