@@ -197,6 +197,11 @@ def progress(enabled: bool = True, refresh_rate: int = 1) -> Callback:
     return MetricsBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLines()
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `grads` (train/grad_norm, what clipping by norm acts on), on the device: no host sync."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 class StepMetrics(Callback):
     """On the steps the loggers write: train/loss and the global L2 gradient norm before clipping (what
     trainer.gradient_clip_val acts on), computed on the device (lightning's grad_norm() copies every norm to the host:
@@ -224,9 +229,7 @@ class StepMetrics(Callback):
         metrics = {} if self.loss is None else {"train/loss": self.loss}
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:
-            metrics["train/grad_norm"] = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])
-            )
+            metrics["train/grad_norm"] = grad_norm(grads)
         self._write(trainer, metrics)
 
     def write(self, trainer: L.Trainer, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:

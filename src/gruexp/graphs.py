@@ -17,18 +17,15 @@ default is its foreach kernels, which round differently: there a graph run equal
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gruexp.callbacks import grad_norm
 from gruexp.compat import advance_logging_step, advance_optimizer_step
-from gruexp.models import backends
-
-log = logging.getLogger(__name__)
+from gruexp.models import backends, token_loss
 
 aten = torch.ops.aten
 
@@ -157,7 +154,6 @@ class KSteps:
         """Buffers shaped like a chunk (X, Y: [k, B, T]) and like the state it starts from (None: the state is not
         carried); `clip`: the global gradient norm to clip to (None: no clipping)."""
         self.net, self.carry, self.clip = net, state is not None, clip
-        self.optimizer = optimizer
         self.update, self.scalars_for = update_for(optimizer)
         self.group = optimizer.param_groups[0]
         self.params = [p for p in self.group["params"] if p.requires_grad]
@@ -189,18 +185,25 @@ class KSteps:
         scalars = [self.scalars_for(self.group, lr, first_step + i) for i, lr in enumerate(lrs)]
         self.scalars.copy_(torch.tensor(scalars, dtype=self.scalars.dtype))
 
+    def forward_backward(
+        self, X: torch.Tensor, Y: torch.Tensor, h: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """One step's loss, its gradients and the state it ends in, from batch X, Y and state h."""
+        logits, h_next = self.net(X, h if self.carry else None)
+        loss = token_loss(logits, Y)
+        # in the layout backward() gives .grad (AccumulateGrad's, the parameter's): a norm reduces a transposed
+        # gradient in another order, to another rounding
+        grads = [
+            g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+            for p, g in zip(self.params, torch.autograd.grad(loss, self.params), strict=True)
+        ]
+        return loss, grads, h_next
+
     def run(self) -> None:
         h = self.h
         for i in range(self.k):
-            logits, h_next = self.net(self.X[i], h if self.carry else None)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.Y[i].reshape(-1))
-            # in the layout backward() gives .grad (AccumulateGrad's, the parameter's): a norm reduces a
-            # transposed gradient in another order, to another rounding
-            grads = [
-                g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                for p, g in zip(self.params, torch.autograd.grad(loss, self.params), strict=True)
-            ]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            loss, grads, h_next = self.forward_backward(self.X[i], self.Y[i], h)
+            norm = grad_norm(grads)
             with torch.no_grad():
                 if self.clip:
                     coef = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
@@ -283,9 +286,7 @@ class GraphSteps:
         devices = [X.device] if X.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), NoHostSync():
             try:
-                logits, _ = body.net(X[0], state if body.carry else None)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y[0].reshape(-1))
-                torch.autograd.grad(loss, body.params)
+                body.forward_backward(X[0], Y[0], state)
             except HostSync as e:
                 return str(e)
         return None

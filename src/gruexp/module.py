@@ -24,7 +24,7 @@ from torchmetrics import Metric
 from gruexp.callbacks import StepMetrics
 from gruexp.compat import CURRENT_HOOK, attached_trainer
 from gruexp.data import Vocab
-from gruexp.models import build_model, forward_flops_per_token, net_options
+from gruexp.models import build_model, forward_flops_per_token, net_options, token_loss
 from gruexp.steps import StepPlan, run_chunk, stepping_batches
 from gruexp.throughput import Throughput
 
@@ -276,9 +276,7 @@ class CharLM(L.LightningModule):
         state = self.state if carry and self.state is not None and self.state.shape[1] == X.shape[0] else None
         logits, state = self(X, state)
         self.state = state.detach() if carry else None
-        # in fp32 whatever the precision (a no-op in fp32): bf16 logits would round the loss and the metrics
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1))
-        return loss, logits
+        return token_loss(logits, Y), logits
 
     def on_train_start(self) -> None:
         # here, not in on_fit_start: Lightning restores a checkpoint's optimizer and scheduler between the two
@@ -341,7 +339,7 @@ class CharLM(L.LightningModule):
         state = self.state if self.state is not None and self.state.shape[1] == X.shape[0] else None
         logits, state = self(X, state)
         self.state = state.detach()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum")
+        nll = token_loss(logits, Y, reduction="sum")
         metric.update(nll, (Y >= 0).sum(), summed=True)  # PAD targets (-100) are ignored by both
 
     def validation_step(self, batch, batch_idx: int) -> None:

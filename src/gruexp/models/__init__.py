@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gruexp import UserError
@@ -44,6 +46,12 @@ def net_options(hp: Mapping[str, Any]) -> dict[str, Any]:
     if name != "scratch":
         options["reset_after"] = hp.get("reset_after", True) is not False
     return options
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of a net's logits [B, T, V] against its targets [B, T], in fp32 whatever the precision (a no-op
+    in fp32): bf16 logits would round the loss and the metrics. Padded targets (-100) are not scored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction)
 
 
 def forward_flops_per_token(vocab_size: int, hidden_size: int, num_layers: int = 1) -> int:
