@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -32,22 +33,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from benchlib import device_description, parse_shapes
+from benchlib import check_new_json, check_positive, device_description, parse_shapes, parse_variants
 
 from gruexp.models import MODEL_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 # graph/eager tokens/s at least, on CUDA: (batch, hidden) -> {variant: ratio}
 TARGETS = {(32, 256): {"torch": 5.0, "fused": 5.0, "scratch": 10.0}}
-
-
-def parse_model_variants(text: str) -> list[str]:
-    """'torch,fused' -> ['torch', 'fused'], each a model= of gruexp (the runs are gruexp's own command)."""
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in names if v not in MODEL_NAMES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: choose among {','.join(MODEL_NAMES)}")
-    return names
 
 
 def epoch_batches(overrides: list[str], epochs: int) -> int:
@@ -161,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda; cpu: the smoke mode (see below)")
     p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("32x256,128x512"), help="BxH list")
     p.add_argument(
-        "--variants", type=parse_model_variants, default=list(MODEL_NAMES), help=",".join(MODEL_NAMES) + " (all)"
+        "--variants",
+        type=functools.partial(parse_variants, choices=MODEL_NAMES),  # gruexp's own model= choices
+        default=list(MODEL_NAMES),
+        help=",".join(MODEL_NAMES) + " (all)",
     )
     p.add_argument("--steps", type=int, default=128, help="optimizer steps per epoch (default 128, cut as above)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run, the first untimed (default 3)")
@@ -175,18 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, in one line and exit 2, what cannot run as asked, before any run starts."""
-    for option in ("steps", "steps_per_call", "threads"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            p.error(f"--{option.replace('_', '-')} must be positive, got {value}")
+    check_positive(p, args, ("steps", "steps_per_call", "threads"))
     if args.steps < args.steps_per_call:
         p.error(f"--steps {args.steps} must be at least --steps-per-call {args.steps_per_call} (whole chunks)")
     if args.epochs < 2:
         p.error(f"--epochs must be at least 2 (the first is untimed), got {args.epochs}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this torch build or machine has no CUDA device; --device cpu is the smoke mode")
-    if args.json is not None and args.json.exists():
-        p.error(f"--json {args.json} exists and would be overwritten: pass a new path")
+    check_new_json(p, args)
     if args.runs_dir is not None and args.runs_dir.exists() and any(args.runs_dir.iterdir()):
         p.error(f"--runs-dir {args.runs_dir} holds files already: pass a new or empty folder")
     mine = ("model=", "model.hidden_size=", "data.batch_size=", "steps_per_call=", "cuda_graph=", "trainer.max_epochs=")

@@ -67,13 +67,12 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def parse_variants(text: str) -> list[str]:
-    """'torch,fused' -> ['torch', 'fused'], each one of MODEL_NAMES or FUSED_VARIANTS."""
+def parse_variants(text: str, choices: tuple[str, ...] = MODEL_NAMES + FUSED_VARIANTS) -> list[str]:
+    """'torch,fused' -> ['torch', 'fused'], each one of `choices` (default MODEL_NAMES and FUSED_VARIANTS)."""
     names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in names if v not in MODEL_NAMES + FUSED_VARIANTS]
+    bad = [v for v in names if v not in choices]
     if bad or not names:
-        choices = ",".join(MODEL_NAMES + FUSED_VARIANTS)
-        raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: choose among {choices}")
+        raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: choose among {','.join(choices)}")
     return names
 
 
@@ -237,10 +236,23 @@ def add_common_options(p: argparse.ArgumentParser, default_shapes: str) -> None:
 
 def check_common_options(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: Iterable[str]) -> None:
     """Refuse, in one line and exit 2, what would fail or mislead only after minutes of timing."""
-    for option in ("threads", "num_steps", "vocab_size", "warmup", "repeat", *positive):
+    check_positive(parser, args, ("threads", "num_steps", "vocab_size", "warmup", "repeat", *positive), ("warmup",))
+
+
+def check_positive(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, options: Iterable[str], zero_ok: Iterable[str] = ()
+) -> None:
+    """Refuse an option below 1 (below 0 for those in `zero_ok`), in one line and exit 2; None is not given."""
+    for option in options:
         value = getattr(args, option)
-        if value is not None and value < (0 if option == "warmup" else 1):
+        if value is not None and value < (0 if option in zero_ok else 1):
             parser.error(f"--{option.replace('_', '-')} must be positive, got {value}")
+
+
+def check_new_json(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a --json path that exists: a report is never written over another."""
+    if args.json is not None and args.json.exists():
+        parser.error(f"--json {args.json} exists and would be overwritten: pass a new path")
 
 
 def check_device_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -250,8 +262,7 @@ def check_device_options(parser: argparse.ArgumentParser, args: argparse.Namespa
     variants = args.variants or []
     if {"fused-auto", "fused-d2l"} & set(variants) and os.environ.get("GRUEXP_FUSED_GPU", "auto") != "auto":
         parser.error("--variants fused-auto/fused-d2l run fused as GRUEXP_FUSED_GPU=auto does: unset GRUEXP_FUSED_GPU")
-    if args.json is not None and args.json.exists():
-        parser.error(f"--json {args.json} exists and would be overwritten: pass a new path")
+    check_new_json(parser, args)
 
 
 def set_up(args: argparse.Namespace) -> torch.device:

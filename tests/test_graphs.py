@@ -17,6 +17,7 @@ import shutil
 import lightning as L
 import pytest
 import torch
+from helpers import assert_same_weights
 from lightning.pytorch.loggers import CSVLogger
 
 from gruexp import graphs
@@ -91,12 +92,6 @@ def fit(
     return model
 
 
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differ = [key for key in a if not torch.equal(a[key], b[key])]
-    assert not differ, f"not bit-identical: {differ}"
-
-
 @pytest.mark.parametrize(
     ("name", "num_layers", "optimizer"),
     [("fused", 2, SGD), ("fused", 1, ADAM), ("torch", 2, ADAM), ("scratch", 1, SGD)],
@@ -107,7 +102,8 @@ def test_replayed_steps_train_the_weights_of_lightnings_own_steps(op_loop, name,
     epoch's end and its short last chunk) leaves the weights of K = 1 through Lightning's automatic optimization."""
     graphed = fit(name, optimizer, 4, True, steps=30, num_layers=num_layers)
     assert isinstance(graphed.graph_steps, graphs.GraphSteps) and graphed.graph_steps.replays >= 3
-    assert_same(graphed.state_dict(), fit(name, optimizer, 1, False, steps=30, num_layers=num_layers).state_dict())
+    lightnings = fit(name, optimizer, 1, False, steps=30, num_layers=num_layers)
+    assert_same_weights(graphed.state_dict(), lightnings.state_dict())
 
 
 def test_replayed_steps_log_the_rows_of_eager_steps(op_loop, tmp_path):
@@ -167,7 +163,7 @@ def test_a_trace_taken_once_replays_later_chunks_as_the_eager_body(op_loop, name
         torch.manual_seed(i)
         with NoHostSync():
             eager.run()
-        assert_same(net.state_dict(), twin.state_dict())
+        assert_same_weights(net.state_dict(), twin.state_dict())
         for a, b in ((recorded.losses, eager.losses), (recorded.norms, eager.norms), (recorded.h, eager.h)):
             assert torch.equal(a, b)
     assert not torch.equal(recorded.losses, torch.zeros(K))
@@ -225,7 +221,8 @@ def test_what_cannot_be_recorded_trains_eagerly_with_one_line(op_loop, caplog, o
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cuda_graph:")]
     assert len(lines) == 1 and reason in lines[0] and lines[0].endswith("; training eagerly, 4 steps per call")
     assert graphed.graph_steps is False
-    assert_same(graphed.state_dict(), fit("torch", optimizer, 4, False, steps=10, change_net=change_net).state_dict())
+    eager = fit("torch", optimizer, 4, False, steps=10, change_net=change_net)
+    assert_same_weights(graphed.state_dict(), eager.state_dict())
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, assert_one_line_error, run_cli, run_main
+from helpers import TINY, assert_one_line_error, assert_same_weights, run_cli, run_main
 
 from gruexp.guards import Diverged
 from gruexp.train import train
@@ -48,13 +48,6 @@ def fit(make_cfg, out: Path, k: int, *overrides: str) -> dict:
 
 def last(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    """Bit-identical: the same entries, each torch.equal."""
-    assert a.keys() == b.keys()
-    differ = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
-    assert not differ, differ
 
 
 def step_rows(run: Path) -> list[dict[str, str]]:

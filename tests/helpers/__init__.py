@@ -1,7 +1,7 @@
 """What several test files share (tests import it as `helpers`: pytest puts tests/ on the path, and the fixtures
 that let CLI runs load helpers.inject put it on theirs). Fixtures are in conftest.py."""
 
-from helpers.grads import outputs_and_grads
+from helpers.grads import assert_same_weights, outputs_and_grads
 from helpers.runs import (
     CONF,
     EXACT,
@@ -28,6 +28,7 @@ __all__ = [
     "TINY",
     "TINY_BENCH",
     "assert_one_line_error",
+    "assert_same_weights",
     "cli",
     "cli_env",
     "error_lines",
