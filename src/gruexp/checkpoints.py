@@ -13,9 +13,9 @@ import logging
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import lightning as L
 import torch
@@ -23,6 +23,9 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gruexp.errors import UserError, find_no_space
+
+if TYPE_CHECKING:
+    from gruexp.steps import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,7 @@ class Resume:
     log_step: int  # the logging step it resumes at: what its run logged before that step is its history
     wandb_id: str | None
     steps_per_call: int  # the K it trained with (1 before steps_per_call existed)
+    manual: bool = False  # trained by gruexp's step engine (Lightning's manual optimization), not Lightning's loop
 
 
 def read_resume(path: str | os.PathLike) -> Resume:
@@ -176,17 +180,27 @@ def read_resume(path: str | os.PathLike) -> Resume:
         log_step=checkpoint_batches_that_stepped(ckpt),
         wandb_id=run_id if isinstance(run_id, str) else None,
         steps_per_call=int(saved.get("steps_per_call", 1)),
+        manual=bool(saved.get("manual", int(saved.get("steps_per_call", 1)) > 1)),
     )
 
 
-def check_steps_per_call(resume: Resume, steps_per_call: int) -> None:
-    """A run resumes with the steps_per_call it trained with: Lightning's loops count training-step calls, and its
-    automatic and manual optimization count steps apart, so another K would restart or misplace them."""
-    if resume.steps_per_call != steps_per_call:
+def check_steps_per_call(resume: Resume, plan: StepPlan) -> StepPlan:
+    """The plan a run resumes with: the steps_per_call it trained with (Lightning's loops count training-step
+    calls, and its automatic and manual optimization count steps apart, so another K would restart or misplace
+    them), and at K = 1 the engine if the engine trained it (a stacked trial resumed alone)."""
+    if resume.steps_per_call != plan.steps_per_call:
         raise UserError(
             f"{resume.path} was trained with steps_per_call={resume.steps_per_call}, this run has "
-            f"steps_per_call={steps_per_call}: resume with steps_per_call={resume.steps_per_call}"
+            f"steps_per_call={plan.steps_per_call}: resume with steps_per_call={resume.steps_per_call}"
         )
+    if resume.manual and not plan.manual:
+        return replace(plan, engine=True)
+    if plan.manual and not resume.manual:
+        raise UserError(
+            f"{resume.path} was trained by Lightning's own loop (steps_per_call=1, no CUDA graph, not stacked), which "
+            "counts its steps apart from gruexp's step engine: resume it so (cuda_graph=false, not stacked)"
+        )
+    return plan
 
 
 def check_training_left(resume: Resume, max_epochs: int | None, max_steps: int | None) -> None:

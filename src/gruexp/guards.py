@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from gruexp import stack
 from gruexp.checkpoints import LAST
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,8 @@ class InterruptCheckpoint(Callback):
         # after Lightning installed its SIGTERM handler (just before training): ours go on top until the end
         if not self._previous and _in_main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        elif (trials := stack.current()) is not None:  # a stacked trial: the stack's main thread takes signals
+            trials.listen(self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.warning(

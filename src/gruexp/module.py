@@ -125,6 +125,7 @@ def resume_point(module: CharLM) -> dict[str, Any]:
         "batch": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
         "world_size": trainer.world_size,
         "steps_per_call": module.steps.steps_per_call,  # the loops count calls: a resume must keep K
+        "manual": module.steps.manual,  # and Lightning's manual and automatic optimization count steps apart
         "state": None if state is None else gather(state),
         "train_ppl": {k: gather(v) for k, v in module.train_nll.metric_state.items()},
         **rng_states(module.device),  # dropout's; the partitions draw from their own seeded generators
@@ -213,9 +214,12 @@ class CharLM(L.LightningModule):
         cuda_graph: bool = False,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        engine: bool = False,
+        stack: Any = None,
     ):
-        """`steps_per_call`, `cuda_graph`: how the training step runs its optimizer steps (gruexp.steps). With more
-        than one, or graphs, the module clips (`gradient_clip_val`; the Trainer's must then be None)."""
+        """`steps_per_call`, `cuda_graph`, `engine`: how the training step runs its optimizer steps (gruexp.steps).
+        With more than one, graphs or the engine, the module clips (`gradient_clip_val`; the Trainer's must then be
+        None). `stack`: the gruexp.stack.Stack this run is a trial of, which does its forward and backward."""
         super().__init__()
         # plain strings, not Hydra's ListConfig: checkpoints then load with torch.load(weights_only=True)
         vocab = [str(t) for t in vocab]
@@ -227,12 +231,15 @@ class CharLM(L.LightningModule):
             "cuda_graph",
             "gradient_clip_val",
             "gradient_clip_algorithm",
+            "engine",
+            "stack",
         ]
         self.save_hyperparameters(ignore=ignore, logger=False)
         self.vocab = Vocab(idx_to_token=vocab)
         self.net = build_model(vocab_size=len(self.vocab), **net_options(self.hparams))
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.steps = steps = StepPlan(steps_per_call, cuda_graph)
+        self.steps = steps = StepPlan(steps_per_call, cuda_graph, engine)
+        self.stack = stack
         self.automatic_optimization = not steps.manual
         self.clip = (gradient_clip_val, gradient_clip_algorithm)
         self.graph_steps: Any = None  # gruexp.graphs.GraphSteps once recorded; False: eager for the run
@@ -271,10 +278,14 @@ class CharLM(L.LightningModule):
         run of the same trainer (its test after fit) keeps them, with no Lightning line about overriding them."""
         return [cb for cb in (self.throughput, self.step_metrics) if cb not in self.trainer.callbacks]
 
+    def carried_state(self, X: torch.Tensor, carry: bool) -> torch.Tensor | None:
+        """The state the next training batch X starts from: the carried one, or None (zeros) when not carrying or
+        when the batch has another number of rows."""
+        return self.state if carry and self.state is not None and self.state.shape[1] == X.shape[0] else None
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], carry: bool):
         X, Y = batch
-        state = self.state if carry and self.state is not None and self.state.shape[1] == X.shape[0] else None
-        logits, state = self(X, state)
+        logits, state = self(X, self.carried_state(X, carry))
         self.state = state.detach() if carry else None
         return token_loss(logits, Y), logits
 

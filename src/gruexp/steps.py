@@ -39,11 +39,12 @@ class StepPlan:
 
     steps_per_call: int = 1
     cuda_graph: bool = False
+    engine: bool = False  # the engine runs the steps at K = 1 too: stacked trials (gruexp.stack), a resume of one
 
     @property
     def manual(self) -> bool:
         """True when the step engine runs the steps (Lightning's manual optimization), not Lightning's own loop."""
-        return self.steps_per_call > 1 or self.cuda_graph
+        return self.steps_per_call > 1 or self.cuda_graph or self.engine
 
 
 def will_use_cuda(accelerator: str) -> bool:
@@ -51,25 +52,39 @@ def will_use_cuda(accelerator: str) -> bool:
     return str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
-def plan_steps(steps_per_call: Any, cuda_graph: Any, accelerator: str = "auto") -> StepPlan:
+def plan_steps(steps_per_call: Any, cuda_graph: Any, accelerator: str = "auto", stacked: bool = False) -> StepPlan:
     """The top-level `steps_per_call` (an int >= 1, or auto) and `cuda_graph` (auto | true | false) as a StepPlan:
-    auto is 16 steps per call and graphs on CUDA, 1 step and no graph on a CPU."""
+    auto is 16 steps per call and graphs on CUDA, 1 step and no graph on a CPU. A `stacked` trial's steps are the
+    engine's (auto: 16 per call anywhere), and not a graph (its forward and backward are its stack's, gruexp.stack)."""
     cuda = will_use_cuda(accelerator)
-    if steps_per_call == "auto":
-        steps_per_call = CUDA_STEPS_PER_CALL if cuda else 1
+    if stacked:
+        if cuda_graph is True:
+            raise UserError("cuda_graph=true does not combine with hydra/launcher=stacked: use cuda_graph=auto")
+        cuda_graph = False
+    if steps_per_call == "auto":  # a stack's trials each pay Lightning's loop per call: K amortizes it on a CPU too
+        steps_per_call = CUDA_STEPS_PER_CALL if cuda or stacked else 1
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise UserError(f"steps_per_call must be an integer >= 1 or auto, got {steps_per_call!r}")
     if cuda_graph not in ("auto", True, False):
         raise UserError(f"cuda_graph must be auto, true or false, got {cuda_graph!r}")
     if cuda_graph is True and not cuda:
         raise UserError("cuda_graph=true needs a CUDA device (trainer.accelerator=gpu): use cuda_graph=auto or false")
-    return StepPlan(steps_per_call, cuda if cuda_graph == "auto" else cuda_graph)
+    return StepPlan(steps_per_call, cuda if cuda_graph == "auto" else cuda_graph, engine=stacked)
 
 
 def check_trainer(plan: StepPlan, trainer_cfg: Any) -> None:
     """What Lightning's manual optimization cannot take from the trainer config, refused in one line each."""
     if not plan.manual:
         return
+    if plan.engine:
+        devices, precision = trainer_cfg.get("devices", 1), str(trainer_cfg.get("precision", "32-true"))
+        if devices not in (1, "1", "auto"):
+            raise UserError(f"stacked trials train on one device each group: trainer.devices must be 1, got {devices}")
+        if precision.startswith("16"):
+            raise UserError(
+                f"trainer.precision={precision} scales each trial's loss by a GradScaler, which stacked trials do not "
+                "run: use bf16-mixed or 32-true"
+            )
     accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
     if accumulate != 1:
         raise UserError(
@@ -126,6 +141,8 @@ def run_chunk(module: CharLM, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[
     """
     trainer = module.trainer
     X, Y = batch
+    if X.dim() == 2:  # steps_per_call 1 (the engine's for stacked trials): a batch is a chunk of one
+        X, Y = X[None], Y[None]
     k = X.shape[0]
     if trainer.max_steps >= 0:
         k = min(k, trainer.max_steps - trainer.global_step)
@@ -204,12 +221,18 @@ def _eager_steps(module: CharLM, X: torch.Tensor, Y: torch.Tensor, per_step: Any
     where they do more: direct_hooks); returns their losses."""
     trainer, opt = module.trainer, module.optimizers()
     hooks = direct_hooks(module)
+    stack = module.stack
+    if stack is not None and hooks is None:  # check_trainer refuses what would get here
+        raise RuntimeError("stacked trials need one device, no GradScaler and no profiler")
     losses = []
     for i in range(X.shape[0]):
         if i:
             advance_logging_step(trainer)  # the step Lightning logs at: one per optimizer step, as at K = 1
         opt.zero_grad()
-        loss, _ = module._step((X[i], Y[i]), carry=module.carry_state)
+        if stack is None:
+            loss, _ = module._step((X[i], Y[i]), carry=module.carry_state)
+        else:  # forward and backward with every trial of the stack at once: the gradients are in place after it
+            loss = stack.step(module, X[i], Y[i], module.carry_state)
         module.train_nll.update(loss, Y[i].numel())
         module.step_metrics.keep(trainer, loss)
         if hooks is None:
@@ -217,7 +240,8 @@ def _eager_steps(module: CharLM, X: torch.Tensor, Y: torch.Tensor, per_step: Any
             opt.step()  # Lightning's: the hooks (clipping: CharLM.on_before_optimizer_step), precision, global_step
         else:
             hooks("on_before_backward", loss)
-            module.backward(loss)
+            if stack is None:
+                module.backward(loss)
             hooks("on_after_backward")
             hooks("on_before_optimizer_step", opt.optimizer)  # StepMetrics' gradient norm, then the clipping
             opt.optimizer.step()

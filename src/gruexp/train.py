@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gruexp import checkpoints, console, guards, launch, preflight, search, steps, sweeps, tracking
+from gruexp import checkpoints, console, guards, launch, preflight, search, stack, steps, sweeps, tracking
 from gruexp.errors import user_error
 from gruexp.record import RunRecord
 
@@ -47,15 +47,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
             child = preflight.is_child_rank()  # a DDP rank > 0 re-runs this set-up: rank 0 has said it all
             seed = L.seed_everything(cfg.seed, workers=True, verbose=not child)
-            plan = steps.plan_steps(cfg.steps_per_call, cfg.cuda_graph, cfg.trainer.get("accelerator", "auto"))
+            trials = stack.current()  # a trial of stacked sweep jobs (hydra/launcher=stacked): its stack, else None
+            accelerator = cfg.trainer.get("accelerator", "auto")
+            plan = steps.plan_steps(cfg.steps_per_call, cfg.cuda_graph, accelerator, stacked=trials is not None)
             steps.check_trainer(plan, cfg.trainer)
-            engine = steps.trainer_overrides(plan, cfg.trainer)  # what the step engine takes from Lightning
-            taken = {"limit_train_batches": cfg.trainer.get("limit_train_batches")} if engine else {}
-            datamodule = instantiate(cfg.data, seed=seed, steps_per_call=plan.steps_per_call, **taken)
+            datamodule = instantiate(cfg.data, seed=seed, steps_per_call=plan.steps_per_call, **_taken(plan, cfg))
             if not child:
                 log.info("data: %s", datamodule.describe())
             vocab = datamodule.vocab.idx_to_token
-            resume = _checkpoint_to_resume(cfg, vocab, plan.steps_per_call, verbose=not child)
+            resume = _checkpoint_to_resume(cfg, vocab, verbose=not child)
+            if resume:
+                plan = checkpoints.check_steps_per_call(resume, plan)  # a stacked trial resumed alone: the engine
+                datamodule.limit_train_batches = _taken(plan, cfg).get("limit_train_batches")
+            engine = steps.trainer_overrides(plan, cfg.trainer)  # what the step engine takes from Lightning
             preflight.check_memory(cfg, len(vocab))  # before the model allocates anything
             optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.get("scheduler"))
             clip = {k: cfg.trainer.get(k) for k in ("gradient_clip_val", "gradient_clip_algorithm")} if engine else {}
@@ -66,6 +70,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 scheduler=scheduler,
                 steps_per_call=plan.steps_per_call,
                 cuda_graph=plan.cuda_graph,
+                engine=plan.engine,
+                stack=trials,
                 **clip,
             )
             callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -79,17 +85,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return record.summary
 
 
-def _checkpoint_to_resume(
-    cfg: DictConfig, vocab: list[str], steps_per_call: int, verbose: bool
-) -> checkpoints.Resume | None:
+def _taken(plan: steps.StepPlan, cfg: DictConfig) -> dict[str, Any]:
+    """What the data module applies itself when the step engine runs the steps: the batch limit, in batches."""
+    return {"limit_train_batches": cfg.trainer.get("limit_train_batches")} if plan.manual else {}
+
+
+def _checkpoint_to_resume(cfg: DictConfig, vocab: list[str], verbose: bool) -> checkpoints.Resume | None:
     """The checkpoint `ckpt_path` names, refused in one line if it is of another model, size, vocabulary or split
-    (not resumed silently), trained with another steps_per_call, or leaves nothing to train."""
+    (not resumed silently), or leaves nothing to train."""
     expect = checkpoints.model_signature(cfg.model, vocab) | checkpoints.split_signature(cfg.data)
     ckpt_path = checkpoints.resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), expect=expect)
     if not ckpt_path:
         return None
     resume = checkpoints.read_resume(ckpt_path)
-    checkpoints.check_steps_per_call(resume, steps_per_call)
     checkpoints.check_training_left(resume, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
     if verbose and str(cfg.ckpt_path) != "last":  # `last` has named its file already
         log.info("resuming %s", ckpt_path)

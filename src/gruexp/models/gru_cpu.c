@@ -129,7 +129,9 @@ static void forward_units(int q, int P, int T, int B, int H, const REAL *gi, con
                 hr[j] = n + z * (hp[j] - n);
             }
         }
+        if (P > 1) {  // one thread alone (a trial of gru_forward_trials) meets no one: its team may be others'
 #pragma omp barrier
+        }
     }
     free(g);
 }
@@ -183,7 +185,9 @@ static void backward_units(int q, int P, int T, int B, int H, const REAL *dhs, c
             }
         }
         if (t > 0 || dh0) {
+            if (P > 1) {
 #pragma omp barrier
+            }
             // dh_{t-1}[:, units] += dG_t (all 3H columns, every thread's) W_hh[:, units]
             gemm_ab(B, nu, 3 * H, dgh + (size_t)t * B * H3, 3 * H, w_hh + j0, H, 1, next + j0, H);
             REAL *tmp = dh;
@@ -216,4 +220,30 @@ void FN(gru_backward)(int T, int B, int H, const REAL *dhs, const REAL *dh_T, co
                        dh0, buf, next);
     }
     free(buf);
+}
+
+/* Trials side by side (gruexp.stack): S recurrences of one shape, each whole on one thread, the threads taking the
+ * trials in turn. No barrier per step, so even small trials share the cores well. Every array holds the S
+ * trials one after another (gi_stride apart for gi, which is a table or the projections); tok may be NULL. */
+void FN(gru_forward_trials)(int S, int T, int B, int H, const REAL *gi, long gi_stride, const int64_t *tok,
+                            const REAL *w_hh, const REAL *b_hh, REAL *hs, REAL *G, REAL *N, int threads) {
+    const size_t TB = (size_t)T * B, H3 = 3 * (size_t)H;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int s = 0; s < S; s++)
+        forward_units(0, 1, T, B, H, gi + s * gi_stride, tok ? tok + s * TB : NULL, w_hh + s * H3 * H, b_hh + s * H3,
+                      hs + s * (TB + B) * H, G ? G + s * TB * H3 : NULL, N ? N + s * TB * H : NULL);
+}
+
+void FN(gru_backward_trials)(int S, int T, int B, int H, const REAL *dhs, const REAL *dh_T, const int64_t *tok,
+                             const REAL *w_hh, const REAL *hs, const REAL *G, const REAL *N, REAL *dgi, long gi_stride,
+                             REAL *dgh, REAL *dh0, int threads) {
+    const size_t TB = (size_t)T * B, H3 = 3 * (size_t)H, BH = (size_t)B * H;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int s = 0; s < S; s++) {
+        REAL *buf = malloc(sizeof(REAL) * 2 * BH);
+        backward_units(0, 1, T, B, H, dhs + s * TB * H, dh_T + s * BH, tok ? tok + s * TB : NULL, w_hh + s * H3 * H,
+                       hs + s * (TB + B) * H, G + s * TB * H3, N + s * TB * H, dgi + s * gi_stride, dgh + s * TB * H3,
+                       dh0 ? dh0 + s * BH : NULL, buf, buf + BH);
+        free(buf);
+    }
 }

@@ -47,6 +47,10 @@ _ARGTYPES = {
     "gru_forward": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I],
     # T, B, H, dhs, dh_T, tok, w_hh, hs, G, N, dgi, dgh, dh0, threads
     "gru_backward": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I],
+    # S, T, B, H, gi, gi_stride, tok, w_hh, b_hh, hs, G, N, threads
+    "gru_forward_trials": [_I, _I, _I, _I, _P, ctypes.c_long, _P, _P, _P, _P, _P, _P, _I],
+    # S, T, B, H, dhs, dh_T, tok, w_hh, hs, G, N, dgi, gi_stride, dgh, dh0, threads
+    "gru_backward_trials": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_long, _P, _P, _I],
     "gru_set_gemm": [_P],
 }
 
@@ -216,3 +220,50 @@ def kernel_backward(
     if T and B:
         fn(T, B, H, *map(_ptr, args), threads or threads_for(B, H))
     return dgi, dgh, dh0
+
+
+def forward_trials(
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, tokens: Tensor | None, save: bool
+) -> tuple[Tensor, tuple]:
+    """`forward` for S trials of one shape, every argument with a leading trial dimension (gruexp.models.stacked):
+    hs [S, T, B, H] and what backward_trials needs. The trials run side by side, each on one thread."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the C loop could not be built on this machine (the warning above says why)")
+    gi, h0, w_hh, b_hh = (t.contiguous() for t in (gi, h0, w_hh, b_hh))
+    S, B, H = h0.shape
+    if tokens is not None:
+        tokens = tokens.to(torch.int64).contiguous()
+        check_ids(tokens, gi.shape[1])
+    T = tokens.shape[1] if tokens is not None else gi.shape[1]
+    HS = h0.new_empty(S, T + 1, B, H)
+    HS[:, 0] = h0
+    G, N = (h0.new_empty(S, T, B, 3 * H), h0.new_empty(S, T, B, H)) if save else (None, None)
+    fn = lib.gru_forward_trials_f32 if h0.dtype == torch.float32 else lib.gru_forward_trials_f64
+    if S and T and B:
+        args = (gi, gi[0].numel(), tokens, w_hh, b_hh, HS, G, N)
+        fn(S, T, B, H, *(a if isinstance(a, int) else _ptr(a) for a in args), _trial_threads(S))
+    return HS[:, 1:], ((tokens, w_hh, HS, G, N) if save else ())
+
+
+def backward_trials(
+    dhs: Tensor, dh_T: Tensor, saved: tuple, vocab_size: int, need_dh0: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """`backward` for forward_trials: the gradients of gi, h0 (None unless need_dh0), W_hh and b_hh, each [S, ...]."""
+    tokens, w_hh, HS, G, N = saved
+    S, T, B, H = dhs.shape
+    dhs, dh_T = dhs.contiguous(), dh_T.contiguous()
+    dgh = torch.empty_like(G)
+    dgi = dgh.new_zeros(S, vocab_size, 3 * H) if tokens is not None else torch.empty_like(G)
+    dh0 = dhs.new_empty(S, B, H) if need_dh0 else None
+    fn = load().gru_backward_trials_f32 if dhs.dtype == torch.float32 else load().gru_backward_trials_f64
+    if S and T and B:
+        args = (dhs, dh_T, tokens, w_hh, HS, G, N, dgi, dgi[0].numel(), dgh, dh0)
+        fn(S, T, B, H, *(a if isinstance(a, int) else _ptr(a) for a in args), _trial_threads(S))
+    dG_h = dgh.view(S, T * B, 3 * H)
+    dw_hh = torch.bmm(dG_h.transpose(1, 2), HS[:, :-1].reshape(S, T * B, H))
+    return dgi, dh0, dw_hh, dG_h.sum(1)
+
+
+def _trial_threads(trials: int) -> int:
+    return max(1, min(torch.get_num_threads(), trials))

@@ -7,6 +7,26 @@ from torch import Tensor, nn
 
 from gruexp.models.onehot import one_hot
 
+PARAMETERS = ("W_xz", "W_hz", "b_z", "W_xr", "W_hr", "b_r", "W_xh", "W_hh", "b_h", "W_hq", "b_q")
+
+
+def d2l_gru(p: dict[str, Tensor], tokens: Tensor, H: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """d2l's cell over tokens [..., B, T] from H [..., B, H]: logits [..., B, T, V] and the final H.
+
+    The leading dimensions are trials (gruexp.models.stacked): weights [..., V, H] and biases [..., 1, H] make every
+    product one batched matrix product for all of them. A single model has none.
+    """
+    X = one_hot(tokens.movedim(-1, 0), vocab_size, p["W_xz"].dtype)  # [T, ..., B, V]
+    outputs = []
+    for X_t in X:
+        Z = torch.sigmoid((X_t @ p["W_xz"]) + (H @ p["W_hz"]) + p["b_z"])
+        R = torch.sigmoid((X_t @ p["W_xr"]) + (H @ p["W_hr"]) + p["b_r"])
+        H_tilda = torch.tanh((X_t @ p["W_xh"]) + ((R * H) @ p["W_hh"]) + p["b_h"])
+        H = Z * H + (1 - Z) * H_tilda
+        Y = H @ p["W_hq"] + p["b_q"]
+        outputs.append(Y)
+    return torch.stack(outputs, dim=-2), H
+
 
 class ScratchGRU(nn.Module):
     """d2l's single-layer GRU language model (reset gate applied before W_hh), kept as the reference."""
@@ -29,14 +49,6 @@ class ScratchGRU(nn.Module):
 
     def forward(self, tokens: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, V] and the final state [1, B, H]; state None means zeros."""
-        X = one_hot(tokens.T, self.vocab_size, self.W_xz.dtype)  # [T, B, V]
         H = self.W_hz.new_zeros(tokens.shape[0], self.hidden_size) if state is None else state[0]
-        outputs = []
-        for X_t in X:
-            Z = torch.sigmoid((X_t @ self.W_xz) + (H @ self.W_hz) + self.b_z)
-            R = torch.sigmoid((X_t @ self.W_xr) + (H @ self.W_hr) + self.b_r)
-            H_tilda = torch.tanh((X_t @ self.W_xh) + ((R * H) @ self.W_hh) + self.b_h)
-            H = Z * H + (1 - Z) * H_tilda
-            Y = H @ self.W_hq + self.b_q
-            outputs.append(Y)
-        return torch.stack(outputs, dim=1), H.unsqueeze(0)
+        logits, H = d2l_gru(self._parameters, tokens, H, self.vocab_size)
+        return logits, H.unsqueeze(0)

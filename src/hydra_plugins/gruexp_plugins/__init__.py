@@ -6,3 +6,4 @@
 """
 
 from hydra_plugins.gruexp_plugins.launcher import GruexpLocalConf, LocalLauncher  # noqa: F401 (registers the schema)
+from hydra_plugins.gruexp_plugins.stacked import GruexpStackedConf, StackedLauncher  # noqa: F401

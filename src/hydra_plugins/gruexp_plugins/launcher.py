@@ -157,11 +157,7 @@ class LocalLauncher(BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
         num_jobs = len(job_overrides)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:
-            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-        log.info("Submitit 'local' sweep output dir : %s", sweep_dir)
+        sweep_dir = self._make_sweep_dir()
 
         pool = DevicePool(self.gpus if self.gpus is not None else visible_gpus())
         loader = self.hydra_context.config_loader
@@ -175,7 +171,8 @@ class LocalLauncher(BaseSubmititLauncher):
             )
             raise SystemExit(2)
 
-        side_by_side = min(self.array_parallelism if self.array_parallelism > 0 else num_jobs, num_jobs)
+        plan = self._units(job_overrides, wants)
+        side_by_side = min(self.array_parallelism if self.array_parallelism > 0 else len(plan), len(plan))
         if all(on_gpu for _, on_gpu in wants):
             fit = len(pool) // min(n for n, _ in wants)
             if fit < side_by_side:
@@ -183,9 +180,9 @@ class LocalLauncher(BaseSubmititLauncher):
                 side_by_side = fit
 
         cores, fixed = usable_cores(), user_threads()
-        jobs = []
-        for k, (overrides, (processes, on_gpu)) in enumerate(zip(job_overrides, wants, strict=True)):
-            idx = initial_job_idx + k
+        units = []
+        for unit in plan:
+            processes, on_gpu = wants[unit[0]]
             if fixed is None:
                 threads = threads_per_process(side_by_side * processes, cores)
                 each = f"{processes} process{'es' * (processes > 1)}"
@@ -193,15 +190,16 @@ class LocalLauncher(BaseSubmititLauncher):
                 exports = {var: str(threads) for var in THREAD_VARS}
             else:
                 why, exports = f"OMP_NUM_THREADS={fixed} set by you", {}
-            jobs.append((idx, list(overrides), processes if on_gpu else 0, exports, why))
+            jobs = [(initial_job_idx + k, list(job_overrides[k])) for k in unit]
+            units.append((jobs, processes if on_gpu else 0, exports, why))
 
         submit_lock = threading.Lock()
         state = Singleton.get_state()
 
         stopping = threading.Event()  # set on Ctrl+C: slots still waiting for GPUs start nothing more
 
-        def run(idx: int, overrides: list[str], num_gpus: int, exports: dict[str, str], why: str) -> Any:
-            """One slot: take the job's GPUs, start it, wait for its process to end, give the GPUs back."""
+        def run(jobs: list[tuple[int, list[str]]], num_gpus: int, exports: dict[str, str], why: str) -> Any:
+            """One slot: take the unit's GPUs, start it, wait for its process to end, give the GPUs back."""
             gpus = pool.acquire(num_gpus) if num_gpus else []
             try:
                 if stopping.is_set():
@@ -210,28 +208,59 @@ class LocalLauncher(BaseSubmititLauncher):
                 setup = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
                 lent = f"GPUs {','.join(gpus)} of the pool {','.join(pool.ids)}" if num_gpus else "no GPU"
                 with submit_lock:  # one submission at a time: the launcher is pickled into each job's folder
-                    job = self._executor(setup).submit(
-                        self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state, why, lent
-                    )
+                    job = self._submit(self._executor(setup), jobs, state, why, lent)
                 started = time.monotonic()
-                log.info("job %d started: %s", idx, brief_overrides(overrides))
+                name = self._unit_name(jobs)
+                log.info("%s started: %s", name, "; ".join(brief_overrides(o) for _, o in jobs))
                 while not job.done():
                     time.sleep(_POLL_S)
-                log.info("job %d ended: %s (%.0f s)", idx, _outcome(sweep_dir / str(idx)), time.monotonic() - started)
+                took = time.monotonic() - started
+                outcomes = ", ".join(_outcome(sweep_dir / str(idx)) for idx, _ in jobs)
+                log.info("%s ended: %s (%.0f s)", name, outcomes, took)
                 return job
             finally:
-                pool.release(gpus)  # the job's process has ended (or never started): its GPUs are free
+                pool.release(gpus)  # the unit's process has ended (or never started): its GPUs are free
 
         slots = ThreadPoolExecutor(max_workers=max(1, side_by_side), thread_name_prefix="gruexp-job")
         try:
-            futures = [slots.submit(run, *job) for job in jobs]
+            futures = [slots.submit(run, *unit) for unit in units]
             ended = [f.result() for f in futures]
         except BaseException:  # Ctrl+C (which the running jobs get too): start no job that has not started yet
             stopping.set()
             slots.shutdown(wait=False, cancel_futures=True)
             raise
         slots.shutdown()
-        return [_result(job, idx, overrides) for job, (idx, overrides, *_) in zip(ended, jobs, strict=True)]
+        returns = {}
+        for job, (jobs, *_) in zip(ended, units, strict=True):
+            returns.update(zip((idx for idx, _ in jobs), self._results(job, jobs), strict=True))
+        return [returns[initial_job_idx + k] for k in range(num_jobs)]
+
+    def _make_sweep_dir(self) -> Path:
+        """hydra.sweep.dir, made (with hydra.sweep.mode) and said."""
+        assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        log.info("Submitit 'local' sweep output dir : %s", sweep_dir)
+        return sweep_dir
+
+    def _units(self, job_overrides: Sequence[Sequence[str]], wants: list[tuple[int, bool]]) -> list[list[int]]:
+        """The sweep's jobs (indices into job_overrides) as the units that each run in a process: one job each."""
+        return [[k] for k in range(len(job_overrides))]
+
+    def _unit_name(self, jobs: list[tuple[int, list[str]]]) -> str:
+        return f"job {jobs[0][0]}"
+
+    def _submit(self, executor: Any, jobs: list[tuple[int, list[str]]], state: Any, why: str, lent: str) -> Any:
+        """Submit a unit's process: here one Hydra job, run by `__call__`."""
+        (idx, overrides) = jobs[0]
+        return executor.submit(self, overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state, why, lent)
+
+    def _results(self, job: Any, jobs: list[tuple[int, list[str]]]) -> list[JobReturn]:
+        """The JobReturns of a unit's ended process."""
+        (idx, overrides) = jobs[0]
+        return [_result(job, idx, overrides)]
 
 
 def _outcome(folder: Path) -> str:
@@ -245,17 +274,26 @@ def _outcome(folder: Path) -> str:
 
 def _result(job: Any, idx: int, overrides: list[str]) -> JobReturn:
     """The JobReturn of an ended submitit job; a FAILED one, naming its log, for a process that died without one."""
+    value = _returned(job, idx)
+    return _failed(overrides, value) if isinstance(value, BaseException) else value
+
+
+def _returned(job: Any, idx: int) -> Any:
+    """What an ended submitit job's function returned; the error, naming its log, where its process gave nothing."""
     try:
         if job.paths.result_pickle.exists():
-            return job.results()[0]  # Hydra's own JobReturn; FAILED with the exception if the task raised
+            return job.results()[0]  # Hydra's own JobReturn (or a stack's list); FAILED with what the task raised
         # No result file after the process ended: killed or exited early (submitit would wait 15 s, then raise).
         tail = job.stderr() or ""
-        error: BaseException = RuntimeError(
+        return RuntimeError(
             f"job #{idx} ended without a result ({job.state}): see {job.paths.stderr}"
             + (f"\n{tail[-2000:]}" if tail.strip() else "")
         )
     except Exception as e:  # submitit's FailedJobError: the job raised past Hydra (e.g. SystemExit)
-        error = e
+        return e
+
+
+def _failed(overrides: list[str], error: BaseException) -> JobReturn:
     ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
     ret.return_value = error
     return ret
