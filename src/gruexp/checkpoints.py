@@ -236,19 +236,56 @@ def _candidates(output_dir: str | os.PathLike | None) -> tuple[Path, list[Path]]
     return root, sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+# overrides that resume a sweep's job rather than name it
+_NOT_THE_JOB = ("ckpt_path=", "trainer.max_epochs=", "trainer.max_steps=", "trainer.max_time=")
+
+
+def _same_job(output_dir: str | os.PathLike, overrides: Sequence[str]) -> tuple[Path, list[Path]]:
+    """last.ckpt of the earlier sweeps' jobs (folders beside this job's sweep folder) that had this job's overrides
+    (but for ckpt_path and how long to train), newest first: what a sweep job's `ckpt_path=last` resumes."""
+    import yaml
+
+    def key(items: Sequence[str]) -> list[str]:
+        return sorted(str(o) for o in items if not str(o).lstrip("+~").startswith(_NOT_THE_JOB))
+
+    out = Path(output_dir).resolve()
+    root, mine = out.parent.parent, key(overrides)
+    found = []
+    for p in root.glob(f"*/*/checkpoints/{LAST}"):
+        job = p.parent.parent
+        if out.parent in job.parents or not (job / ".hydra" / "overrides.yaml").is_file():
+            continue
+        if key(yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []) == mine:
+            found.append(p)
+    return root, sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def resolve_ckpt_path(
-    ckpt_path: str | os.PathLike | None, output_dir: str | os.PathLike | None = None, expect: dict | None = None
+    ckpt_path: str | os.PathLike | None,
+    output_dir: str | os.PathLike | None = None,
+    expect: dict | None = None,
+    job_overrides: Sequence[str] | None = None,
 ) -> str | None:
     """What `ckpt_path` names, for train, generate and evaluate: a file, a run folder (its last.ckpt), or `last`.
 
     `last`: the newest last.ckpt among the sibling run folders of `output_dir` (the current run's own excluded), or
-    among ./outputs/*/runs/* when there are none (generate, evaluate). With `expect` (model_signature of the run),
-    `last` skips checkpoints of another model or vocabulary, and the chosen file is checked (check_checkpoint).
+    among ./outputs/*/runs/* when there are none (generate, evaluate); for a sweep's job (`job_overrides`, its
+    overrides), that of the newest earlier sweep's job with the same overrides, so that every job of a sweep
+    resumes its own run. With `expect` (model_signature of the run), `last` skips checkpoints of another model or
+    vocabulary, and the chosen file is checked (check_checkpoint).
     """
     if ckpt_path is None or str(ckpt_path) == "":
         return None
-    if str(ckpt_path) == "last":
+    if str(ckpt_path) == "last" and job_overrides is not None and output_dir is not None:
+        root, found = _same_job(output_dir, job_overrides)
+        if not found:
+            raise UserError(
+                f"ckpt_path=last found no earlier sweep under {root} with a job of these overrides "
+                f"({' '.join(job_overrides)}) and a checkpoints/{LAST}: give the job's folder, ckpt_path=<job folder>"
+            )
+    elif str(ckpt_path) == "last":
         root, found = _candidates(output_dir)
+    if str(ckpt_path) == "last":
         if not found:
             raise UserError(
                 f"ckpt_path=last found no */checkpoints/{LAST} under {root}: give the file or run folder, "

@@ -73,7 +73,7 @@ class _Trial:
     wake: threading.Event = field(default_factory=threading.Event)
     saved: dict[str, Any] | None = None  # rng, hydra, handlers: taken when it handed the baton on
     step: _Step | None = None  # set while it waits at a meeting
-    on_signal: Callable[[int], None] | None = None
+    on_signal: Callable[[int, Any], None] | None = None
 
 
 class Stack:
@@ -129,7 +129,7 @@ class Stack:
             self.signum = signum
             for trial in list(self._trials.values()):
                 if trial.on_signal is not None:
-                    trial.on_signal(signum)
+                    trial.on_signal(signum, frame)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -138,11 +138,12 @@ class Stack:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def listen(self, on_signal: Callable[[int], None]) -> None:
-        """Have this thread's trial told of SIGINT/SIGTERM (at once if the stack got one already)."""
+    def listen(self, on_signal: Callable[[int, Any], None]) -> None:
+        """Have this thread's trial told of SIGINT/SIGTERM, as a signal handler is (at once if the stack got one
+        already)."""
         self._trials[_local.trial].on_signal = on_signal
         if self.signum:
-            on_signal(self.signum)
+            on_signal(self.signum, None)
 
     # --- the baton ------------------------------------------------------------------------------------------
 

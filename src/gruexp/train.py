@@ -94,7 +94,10 @@ def _checkpoint_to_resume(cfg: DictConfig, vocab: list[str], verbose: bool) -> c
     """The checkpoint `ckpt_path` names, refused in one line if it is of another model, size, vocabulary or split
     (not resumed silently), or leaves nothing to train."""
     expect = checkpoints.model_signature(cfg.model, vocab) | checkpoints.split_signature(cfg.data)
-    ckpt_path = checkpoints.resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), expect=expect)
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    sweep_job = hc is not None and hc.mode.name == "MULTIRUN"  # its overrides as written (${...} unresolved)
+    job = OmegaConf.to_container(hc.overrides.task, resolve=False) if sweep_job else None
+    ckpt_path = checkpoints.resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), expect, job)
     if not ckpt_path:
         return None
     resume = checkpoints.read_resume(ckpt_path)

@@ -17,25 +17,28 @@ from lightning.pytorch.callbacks import Callback
 
 
 class SignalBeforeStep(Callback):
-    """Send this process `signum` just before optimizer step `step` (0-based: when global_step == step)."""
+    """Send this process `signum` just before optimizer step `step` (0-based: when global_step == step). In a
+    sweep, `seed: ${seed}` with `only_seed` arms it in that job only (the jobs of a stack share a process)."""
 
-    def __init__(self, step: int, signum: str = "SIGTERM"):
+    def __init__(self, step: int, signum: str = "SIGTERM", seed: int | None = None, only_seed: int | None = None):
         self.step, self.signum = step, getattr(signal, signum)
+        self.armed = only_seed is None or seed == only_seed
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if trainer.global_step == self.step and trainer.is_global_zero:
+        if self.armed and trainer.global_step == self.step and trainer.is_global_zero:
             os.kill(os.getpid(), self.signum)
 
 
 class NanGradsAt(Callback):
     """Make every gradient NaN just before optimizer step `step`: the weights it leaves are NaN, and so is the loss
-    of the next step, `step` + 1."""
+    of the next step, `step` + 1. `seed`, `only_seed`: as SignalBeforeStep's."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, seed: int | None = None, only_seed: int | None = None):
         self.step = step
+        self.armed = only_seed is None or seed == only_seed
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if trainer.global_step == self.step:
+        if self.armed and trainer.global_step == self.step:
             for p in pl_module.parameters():
                 if p.grad is not None:
                     p.grad.fill_(math.nan)

@@ -1,0 +1,219 @@
+"""Stacked trials (hydra/launcher=stacked, gruexp.stack): each trial is its lone run, to 1e-6, and no other's.
+
+The sweeps run in this process (run_main), as `python -m gruexp.train -m` would: the stacked launcher runs a stack
+in the sweep's own process, and the lone runs they are compared with run one after another through Hydra's basic
+launcher, each its own `train(cfg)`. Three trials differ in lr, clip and seed, through one swept key (seed) that the
+other two read from a list (the test's own resolver `of_seed`): a grid of three values each would be 27 runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.runs import TINY, run_main
+from omegaconf import OmegaConf
+
+from gruexp import stack
+from gruexp.models import build_model, gru_cpu
+from gruexp.models.stacked import forward_all
+
+OmegaConf.register_new_resolver("of_seed", lambda values, seed: values[seed - 1], replace=True)
+TRIALS = [
+    "seed=1,2,3",
+    "+lrs=[0.5,1.0,2.0]",
+    "+clips=[0.05,0.5,5.0]",
+    "optimizer.lr='${of_seed:${lrs},${seed}}'",
+    "trainer.gradient_clip_val='${of_seed:${clips},${seed}}'",
+]
+RUN = [*TINY, "trainer.max_epochs=1", "logger=csv", "trainer.accelerator=cpu"]
+ADAM = ["optimizer=adam", "+lrs=[0.003,0.01,0.03]"]  # after TRIALS: Hydra takes the last value of a key
+COMBOS = {
+    "scratch-sgd": ["model=scratch"],
+    "scratch-adam": ["model=scratch", *ADAM],
+    "fused-c-sgd": ["model=fused"],
+    "fused-c-2layers-dropout-adam": ["model=fused", "model.num_layers=2", "model.dropout=0.3", *ADAM],
+    "fused-ops-2layers-dropout-sgd": ["model=fused", "model.num_layers=2", "model.dropout=0.3"],
+    "fused-ops-adam": ["model=fused", *ADAM],
+    "torch-2layers-dropout-sgd": ["model=torch", "model.num_layers=2", "model.dropout=0.3"],
+}
+
+
+def sweep(capfd, folder: Path, launcher: str, *overrides: str) -> tuple[int, str]:
+    return run_main(
+        capfd, "gruexp.train", "-m", f"hydra/launcher={launcher}", f"hydra.sweep.dir={folder}", *RUN, *overrides
+    )
+
+
+def weights(job: Path, name: str = "last.ckpt") -> dict[str, torch.Tensor]:
+    return torch.load(job / "checkpoints" / name, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def summary(job: Path) -> dict:
+    return json.loads((job / "summary.json").read_text())
+
+
+def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-6) -> None:
+    """The same entries, each within rtol of the other's largest magnitude (the largest differences named)."""
+    assert a.keys() == b.keys()
+    worse = {}
+    for k in a:
+        scale = float(b[k].double().abs().max()) or 1.0
+        rel = float((a[k].double() - b[k].double()).abs().max()) / scale
+        if not rel <= rtol:
+            worse[k] = rel
+    assert not worse, f"relative differences above {rtol}: {worse}"
+
+
+# --- which jobs stack -------------------------------------------------------------------------------------------
+
+
+def test_jobs_stack_when_they_differ_in_stackable_values_only():
+    def key(*o: str) -> str:
+        return stack.group_key(list(o))
+
+    base = ["model.hidden_size=64", "trainer.max_epochs=3"]
+    same = [
+        key(*base, "optimizer.lr=0.5", "trainer.gradient_clip_val=1", "seed=1", "model.dropout=0.1"),
+        key(*base, "optimizer.lr=2", "trainer.gradient_clip_val=0.5", "seed=7", "model.dropout=0.3"),
+        key(*base, "optimizer.momentum=0.9", "+optimizer.weight_decay=1e-4", "+scheduler.gamma=0.5"),
+        key(*base, "optimizer.betas=[0.8,0.99]"),
+    ]
+    assert len(set(same)) == 1
+    for other in (
+        ["model.hidden_size=128", "trainer.max_epochs=3"],
+        [*base, "model.num_layers=2"],
+        [*base, "model=scratch"],
+        [*base, "data.batch_size=16"],
+        [*base, "trainer.precision=bf16-mixed"],
+        [*base, "optimizer=adam"],  # another optimizer class: not a number
+    ):
+        assert key(*other) != same[0], other
+    groups = stack.groups([same[0], key("model.hidden_size=128"), same[0], same[0]], most=2)
+    assert groups == [[0, 2], [3], [1]]
+
+
+# --- the model: each trial's forward, backward and dropout masks ------------------------------------------------
+
+NETS = {
+    "scratch": dict(name="scratch"),
+    "fused-c": dict(name="fused", num_layers=2, dropout=0.3),
+    "fused-ops": dict(name="fused", num_layers=2, dropout=0.3, backend="ops"),
+    "torch": dict(name="torch", num_layers=2, dropout=0.3),
+}
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_forward_all_is_each_trials_own_forward_backward_and_dropout(kind):
+    torch.manual_seed(0)
+    nets = [build_model(vocab_size=28, hidden_size=16, **NETS[kind]) for _ in range(3)]
+    tokens = [torch.randint(0, 28, (4, 9)) for _ in range(3)]
+    layers = nets[0].num_layers
+    states = [None, torch.randn(layers, 4, 16), None]
+    seeds = {i: torch.Generator().manual_seed(10 + i).get_state() for i in range(3)}
+    rngs = dict(seeds)
+
+    @contextlib.contextmanager
+    def rng(i: int):
+        torch.set_rng_state(rngs[i])
+        yield
+        rngs[i] = torch.get_rng_state()
+
+    together = forward_all(nets, tokens, states, rng)
+    torch.autograd.backward([logits.square().mean() for logits, _ in together])
+    grads = [[p.grad.clone() for p in net.parameters()] for net in nets]
+    for i, net in enumerate(nets):
+        net.zero_grad()
+        torch.set_rng_state(seeds[i])
+        logits, state = net(tokens[i], states[i])
+        logits.square().mean().backward()
+        assert torch.equal(logits, together[i][0]) and torch.equal(state, together[i][1])
+        for p, g in zip(net.parameters(), grads[i], strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-9)
+        assert torch.equal(torch.get_rng_state(), rngs[i])  # its generator moved as its lone forward moved it
+
+
+@pytest.mark.skipif(gru_cpu.load() is None, reason="no C compiler here")
+def test_c_loop_runs_trials_side_by_side_as_each_alone():
+    torch.manual_seed(0)
+    S, T, B, H, V = 3, 7, 4, 32, 28
+    table, h0 = torch.randn(S, V, 3 * H), torch.randn(S, B, H)
+    w_hh, b_hh, ids = torch.randn(S, 3 * H, H) * 0.1, torch.randn(S, 3 * H), torch.randint(0, V, (S, T, B))
+    hs, saved = gru_cpu.forward_trials(table, h0, w_hh, b_hh, ids, save=True)
+    dhs, dh_T = torch.randn(S, T, B, H), torch.randn(S, B, H)
+    grads = gru_cpu.backward_trials(dhs, dh_T, saved, V, need_dh0=True)
+    for s in range(S):
+        alone, kept = gru_cpu.forward(table[s], h0[s], w_hh[s], b_hh[s], ids[s], True, save=True)
+        assert torch.equal(alone, hs[s])
+        for g, g_alone in zip(grads, gru_cpu.backward(dhs[s], dh_T[s], kept, True, V, True), strict=True):
+            assert torch.equal(g[s], g_alone)
+
+
+# --- whole runs -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_each_stacked_trial_ends_with_its_lone_runs_weights(capfd, tmp_path, corpus_path, monkeypatch, combo):
+    if "-ops-" in combo:
+        monkeypatch.setenv("GRUEXP_FUSED_CPU", "ops")  # fused's torch-op loop, which GPUs run
+    code, out = sweep(capfd, tmp_path / "stacked", "stacked", *TRIALS, *COMBOS[combo])
+    assert code == 0, out
+    assert "stack of jobs 0,1,2 started" in out  # one stack, not three jobs
+    code, out = sweep(capfd, tmp_path / "lone", "basic", *TRIALS, *COMBOS[combo])
+    assert code == 0, out
+    for k in range(3):
+        stacked, lone = tmp_path / "stacked" / str(k), tmp_path / "lone" / str(k)
+        assert summary(stacked)["status"] == "completed" and summary(stacked)["seed"] == k + 1
+        assert summary(stacked)["lr"] == summary(lone)["lr"]
+        assert summary(stacked)["global_step"] == summary(lone)["global_step"] > 0
+        assert_close_weights(weights(stacked), weights(lone))
+        assert summary(stacked)["val_ppl"] == pytest.approx(summary(lone)["val_ppl"], rel=1e-6)
+    # each a run of its own: its folder holds what a lone run's does
+    for name in ("summary.json", "ppl.png", "train.log", ".hydra/overrides.yaml", "checkpoints/best.ckpt", "csv"):
+        assert (tmp_path / "stacked" / "1" / name).exists(), name
+    assert "seed=2" in (tmp_path / "stacked" / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert "/stacked/1" in (tmp_path / "stacked" / "1" / "train.log").read_text()
+    assert "/stacked/2" not in (tmp_path / "stacked" / "1" / "train.log").read_text()
+
+
+def test_a_diverging_trial_ends_alone_and_the_others_train_as_without_it(capfd, tmp_path, corpus_path):
+    nan = ["+callbacks.nan._target_=helpers.mid_chunk.NanGradsAt", "+callbacks.nan.step=3"]
+    nan += ["+callbacks.nan.seed=${seed}", "+callbacks.nan.only_seed=2"]
+    code, out = sweep(capfd, tmp_path / "three", "stacked", *TRIALS, *nan)
+    assert code != 0  # the sweep says a job diverged
+    assert "stack of jobs 0,1,2 started" in out
+    assert [summary(tmp_path / "three" / str(k))["status"] for k in range(3)] == ["completed", "diverged", "completed"]
+    two = [t.replace("seed=1,2,3", "seed=1,3") for t in TRIALS]
+    code, out = sweep(capfd, tmp_path / "two", "stacked", *two, *nan)
+    assert code == 0, out
+    for k, j in ((0, 0), (2, 1)):  # bit for bit as if the diverging trial had not been there
+        a, b = weights(tmp_path / "three" / str(k)), weights(tmp_path / "two" / str(j))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_sigterm_interrupts_every_trial_and_ckpt_path_last_resumes_each_exactly(capfd, tmp_path, corpus_path):
+    longer = ["trainer.max_epochs=2", "model=fused", "model.num_layers=2", "model.dropout=0.3"]
+    code, out = sweep(capfd, tmp_path / "whole", "stacked", *TRIALS, *longer)
+    assert code == 0, out
+    kill = ["+callbacks.kill._target_=helpers.mid_chunk.SignalBeforeStep", "+callbacks.kill.step=40"]
+    kill += ["+callbacks.kill.seed=${seed}", "+callbacks.kill.only_seed=3"]
+    previous = signal.getsignal(signal.SIGTERM)
+    code, out = sweep(capfd, tmp_path / "cut", "stacked", *TRIALS, *longer, *kill)
+    assert signal.getsignal(signal.SIGTERM) is previous  # the stack gave the process its handler back
+    assert code != 0
+    steps = summary(tmp_path / "whole" / "0")["global_step"]
+    for k in range(3):
+        cut = summary(tmp_path / "cut" / str(k))
+        assert cut["status"] == "interrupted" and 0 < cut["global_step"] < steps
+        assert (tmp_path / "cut" / str(k) / "checkpoints" / "last.ckpt").is_file()
+    code, out = sweep(capfd, tmp_path / "resumed", "stacked", *TRIALS, *longer, *kill, "ckpt_path=last")
+    assert code == 0, out
+    for k in range(3):
+        resumed = tmp_path / "resumed" / str(k)
+        assert summary(resumed)["status"] == "completed"
+        assert f"{tmp_path / 'cut' / str(k)}" in (resumed / "train.log").read_text()  # its own checkpoint
+        assert_close_weights(weights(resumed), weights(tmp_path / "whole" / str(k)))
