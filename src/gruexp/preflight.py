@@ -214,6 +214,24 @@ def check_choices(args: Sequence[str], conf_dir: str | os.PathLike) -> None:
             raise SystemExit(2)
 
 
+def check_stacking(args: Sequence[str]) -> None:
+    """hydra/launcher=stacked where it has nothing to stack (one run, not a sweep), or its `trials` key without it:
+    one line, exit 2. Hydra would run the single job alone, or stop at its struct check with a five-line block."""
+    stacked = "hydra/launcher=stacked" in args
+    sweep = {"-m", "--multirun"} & set(args) or any(a.startswith("hparams_search=") for a in args)
+    if stacked and not sweep:
+        print(
+            "Error: hydra/launcher=stacked trains a sweep's jobs together, and this is one run: add -m and the values "
+            "to sweep, e.g. -m hydra/launcher=stacked optimizer.lr=0.5,1,2",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    trials = next((a for a in args if a.lstrip("+").startswith("hydra.launcher.trials=")), None)
+    if trials and not stacked:
+        print(f"Error: {trials} is hydra/launcher=stacked's: add hydra/launcher=stacked to stack", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _keys(node: Any, prefix: str = "") -> list[str]:
     """Every dotted key of a config (its lists' items are not keys a user overrides)."""
     out = []
@@ -365,8 +383,9 @@ def _gb(n: float) -> str:
     return f"{n / 1e15:,.0f} PB"
 
 
-def check_memory(cfg: DictConfig, vocab_size: int) -> int:
+def check_memory(cfg: DictConfig, vocab_size: int, trials: int = 1) -> int:
     """Refuse, naming model.hidden_size, a model whose training memory exceeds what is available; return the estimate.
+    `trials`: a stack's (hydra/launcher=stacked), which holds them all at once.
 
     The parameter count is exact (the model is built on the meta device, which allocates nothing); gradients and the
     optimizer's state follow from it; activations are an estimate of what backward keeps per token.
@@ -387,7 +406,15 @@ def check_memory(cfg: DictConfig, vocab_size: int) -> int:
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     devices = cfg.trainer.get("devices", 1)
     copies = devices if (not on_gpu and _is_int(devices) and devices > 1) else 1  # CPU DDP: a copy per process
+    copies *= trials
     have = available_memory(on_gpu)
+    if need * copies > have and trials > 1:
+        raise UserError(
+            f"a stack of {trials} trials of model.hidden_size={H} needs about {_gb(need * copies)} to train "
+            f"({params:,} parameters each, their gradients and activations) but "
+            f"{'the GPU' if on_gpu else 'this machine'} has {_gb(have)} available: lower hydra.launcher.trials"
+            f" (to {max(1, int(have // need))} or fewer) or model.hidden_size"
+        )
     if need * copies > have:
         raise UserError(
             f"model.hidden_size={H} needs about {_gb(need * copies)} to train ({params:,} parameters, their gradients"

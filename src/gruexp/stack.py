@@ -84,6 +84,7 @@ class Stack:
         self._trials: dict[int, _Trial] = {}
         self._order: list[int] = []  # the live trials, in the sweep's order
         self.signum = 0
+        self.size = 0  # the trials it was given: what its memory must hold
 
     # --- running the trials ---------------------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ class Stack:
         """Run every task (a trial's whole run) as a trial of this stack; return their results in order, an
         exception (SystemExit included) in place of the result of a task that raised one."""
         results: list[Any] = [None] * len(tasks)
+        self.size = len(tasks)
         self._trials = {i: _Trial() for i in range(len(tasks))}
         self._order = list(range(len(tasks)))
 

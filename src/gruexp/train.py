@@ -60,7 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 plan = checkpoints.check_steps_per_call(resume, plan)  # a stacked trial resumed alone: the engine
                 datamodule.limit_train_batches = _taken(plan, cfg).get("limit_train_batches")
             engine = steps.trainer_overrides(plan, cfg.trainer)  # what the step engine takes from Lightning
-            preflight.check_memory(cfg, len(vocab))  # before the model allocates anything
+            preflight.check_memory(cfg, len(vocab), trials.size if trials else 1)  # before the model allocates
             optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.get("scheduler"))
             clip = {k: cfg.trainer.get(k) for k in ("gradient_clip_val", "gradient_clip_algorithm")} if engine else {}
             model = instantiate(
@@ -95,7 +95,7 @@ def _checkpoint_to_resume(cfg: DictConfig, vocab: list[str], verbose: bool) -> c
     (not resumed silently), or leaves nothing to train."""
     expect = checkpoints.model_signature(cfg.model, vocab) | checkpoints.split_signature(cfg.data)
     hc = HydraConfig.get() if HydraConfig.initialized() else None
-    sweep_job = hc is not None and hc.mode.name == "MULTIRUN"  # its overrides as written (${...} unresolved)
+    sweep_job = hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN"  # its overrides as written
     job = OmegaConf.to_container(hc.overrides.task, resolve=False) if sweep_job else None
     ckpt_path = checkpoints.resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), expect, job)
     if not ckpt_path:
@@ -185,5 +185,6 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     conf = Path(__file__).resolve().parents[2] / "conf"
     preflight.check_choices(sys.argv[1:], conf)
+    preflight.check_stacking(sys.argv[1:])
     preflight.check_overrides(sys.argv[1:], conf, "train")
     main()

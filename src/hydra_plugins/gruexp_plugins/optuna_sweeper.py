@@ -55,6 +55,10 @@ NOT_IN_STUDY_NAME = [
 ]
 
 
+# trials asked together for hydra/launcher=stacked when neither n_jobs nor hydra.launcher.trials says: a stack's worth
+STACKED_BATCH = 8
+
+
 @dataclass
 class GruexpOptunaSweeperConf:
     """hydra.sweeper for hparams_search=optuna (conf/hparams_search/optuna.yaml sets the search)."""
@@ -223,8 +227,18 @@ class GruexpOptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
-        # trials launched together: the launcher runs array_parallelism jobs at once (local, slurm); basic runs one
-        self.batch_size = self.n_jobs or int(config.hydra.launcher.get("array_parallelism", 1) or 1)
+        # trials launched together: the launcher runs array_parallelism jobs at once (local, slurm); basic runs one;
+        # the stacked launcher trains a batch as one stack (`trials` at most)
+        launcher = config.hydra.launcher
+        if "trials" in launcher:
+            if self.n_jobs == 1:
+                _refuse(
+                    "hydra.sweeper.n_jobs=1 asks Optuna for one trial at a time, so hydra/launcher=stacked has none to "
+                    "stack with it: raise hydra.sweeper.n_jobs or leave it null"
+                )
+            self.batch_size = self.n_jobs or int(launcher.trials or STACKED_BATCH)
+        else:
+            self.batch_size = self.n_jobs or int(launcher.get("array_parallelism", 1) or 1)
 
     def _check_settings(self) -> None:
         """The sweeper's own values, before anything is written: a refused search leaves no multirun.yaml, no
