@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import TINY, run_main
+from helpers import run_bench
+from helpers.runs import TINY, assert_one_line_error, run_cli, run_main
 from omegaconf import OmegaConf
 
-from gruexp import stack
+from gruexp import preflight, stack
 from gruexp.models import build_model, gru_cpu
 from gruexp.models.stacked import forward_all
 
@@ -217,3 +218,52 @@ def test_sigterm_interrupts_every_trial_and_ckpt_path_last_resumes_each_exactly(
         assert summary(resumed)["status"] == "completed"
         assert f"{tmp_path / 'cut' / str(k)}" in (resumed / "train.log").read_text()  # its own checkpoint
         assert_close_weights(weights(resumed), weights(tmp_path / "whole" / str(k)))
+
+
+# --- bad input: one line, exit 2, nothing started ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["hydra/launcher=stacked", "optimizer.lr=1"], "this is one run: add -m and the values to sweep"),
+        (["-m", "hydra.launcher.trials=2", "optimizer.lr=1,2"], "add hydra/launcher=stacked to stack"),
+        (["-m", "hydra/launcher=stacked", "hydra.launcher.trials=0", "optimizer.lr=1,2"], "trials=0 must be"),
+        (
+            ["hparams_search=optuna", "hydra/launcher=stacked", "hydra.sweeper.n_jobs=1"],
+            "hydra.sweeper.n_jobs=1 asks Optuna for one trial at a time",
+        ),
+    ],
+)
+def test_a_stack_setting_where_nothing_can_stack_is_one_line(tmp_path, corpus_path, args, message):
+    done = run_cli("gruexp.train", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done.returncode, done.stdout + done.stderr, message)
+    assert done.returncode == 2
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_stack_too_large_for_memory_is_refused_before_training(capfd, tmp_path, corpus_path, make_cfg, monkeypatch):
+    need = preflight.check_memory(make_cfg(*RUN[len(TINY) :]), vocab_size=28)  # one trial's, as the sweep's are
+    monkeypatch.setattr(preflight, "available_memory", lambda on_gpu: int(2.5 * need))
+    code, out = sweep(capfd, tmp_path / "sweep", "stacked", "seed=1,2,3")
+    assert code != 0
+    assert "a stack of 3 trials of model.hidden_size=16 needs about" in out
+    assert "lower hydra.launcher.trials (to 2 or fewer) or model.hidden_size" in out
+    for k in range(3):
+        assert summary(tmp_path / "sweep" / str(k))["status"] == "failed"
+        assert not (tmp_path / "sweep" / str(k) / "checkpoints").exists()
+
+
+def test_bench_stack_times_both_sweeps_and_checks_their_jobs_agree(tmp_path, corpus_path):
+    out = tmp_path / "bench.json"
+    args = ["--hidden-sizes", "16", "--lrs", "0.5,1", "--clips", "1", "--epochs", "1", "--max-tokens", "3000"]
+    done = run_bench(*args, "--json", str(out), script="bench_stack.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["jobs"] == 2 and "experiment=d2l_classic" in report["setting"]
+    size = report["sizes"]["16"]
+    assert len(size["local"]) == len(size["stacked"]) == 1 and size["val_ppl_agree"] is True
+    assert size["ratio"] == pytest.approx(size["local"][0] / size["stacked"][0])
+    assert "H16: one after another" in done.stdout
+    again = run_bench(*args, "--json", str(out), script="bench_stack.py")
+    assert again.returncode == 2 and "exists and would be overwritten" in again.stderr
