@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import run_bench
 from helpers.runs import TINY, assert_one_line_error, run_cli, run_main
 from omegaconf import OmegaConf
@@ -218,6 +219,15 @@ def test_sigterm_interrupts_every_trial_and_ckpt_path_last_resumes_each_exactly(
         assert summary(resumed)["status"] == "completed"
         assert f"{tmp_path / 'cut' / str(k)}" in (resumed / "train.log").read_text()  # its own checkpoint
         assert_close_weights(weights(resumed), weights(tmp_path / "whole" / str(k)))
+    # a trial's checkpoint is any run's: resumed alone (with the stack's K), it ends as the stacked trial did
+    alone = [o for o in (*RUN, *longer) if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=2"]
+    alone += ["seed=1", "optimizer.lr=0.5", "trainer.gradient_clip_val=0.05", "steps_per_call=16"]
+    code, out = run_main(capfd, "gruexp.train", f"hydra.run.dir={tmp_path / 'alone'}", *alone,
+                         f"ckpt_path={tmp_path / 'cut' / '0'}")  # fmt: skip
+    assert code == 0, out
+    assert_close_weights(weights(tmp_path / "alone"), weights(tmp_path / "whole" / "0"))
+    code, out = run_main(capfd, "gruexp.generate", f"ckpt_path={tmp_path / 'resumed' / '2'}", "num_chars=5")
+    assert code == 0 and "time traveller" in out, out
 
 
 # --- bad input: one line, exit 2, nothing started ---------------------------------------------------------------
@@ -267,3 +277,33 @@ def test_bench_stack_times_both_sweeps_and_checks_their_jobs_agree(tmp_path, cor
     assert "H16: one after another" in done.stdout
     again = run_bench(*args, "--json", str(out), script="bench_stack.py")
     assert again.returncode == 2 and "exists and would be overwritten" in again.stderr
+
+
+def test_each_trial_logs_to_a_wandb_run_of_its_own_in_the_sweeps_group(capfd, tmp_path, corpus_path):
+    from gruexp.tracking import offline_runs, read_run
+
+    overrides = [o for o in RUN if o != "logger=csv"]
+    code, out = run_main(capfd, "gruexp.train", "-m", "hydra/launcher=stacked", f"hydra.sweep.dir={tmp_path / 's'}",
+                         *overrides, "seed=1,2", "logger=wandb")  # fmt: skip
+    assert code == 0, out
+    runs = [read_run(offline_runs(tmp_path / "s" / str(k))[0]) for k in range(2)]
+    assert runs[0]["run"]["id"] != runs[1]["run"]["id"] and {r["run"]["group"] for r in runs} == {"s"}
+    for k, run in enumerate(runs):
+        assert run["summary"]["val/ppl"]["last"] == pytest.approx(summary(tmp_path / "s" / str(k))["val_ppl"], rel=1e-6)
+
+
+def test_stacks_side_by_side_run_each_in_a_process_of_its_own(tmp_path, corpus_path):
+    done = run_cli(
+        "gruexp.train", "-m", "hydra/launcher=stacked", "hydra.launcher.array_parallelism=2",
+        f"hydra.sweep.dir={tmp_path / 's'}", *RUN, "model.hidden_size=16,24", "seed=1,2",
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "stack of jobs 0,1 started" in out and "stack of jobs 2,3 started" in out
+    for k, hidden in enumerate((16, 16, 24, 24)):
+        s = summary(tmp_path / "s" / str(k))
+        assert s["status"] == "completed" and s["hidden_size"] == hidden and s["seed"] == 1 + k % 2
+    ids = [yaml.safe_load((tmp_path / "s" / str(k) / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"]
+           for k in range(4)]  # fmt: skip
+    processes = [i.rsplit("_", 1)[0] for i in ids]  # submitit's job id, then the trial's index
+    assert processes[0] == processes[1] != processes[2] == processes[3]

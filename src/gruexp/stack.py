@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -115,6 +116,9 @@ class Stack:
             for t in threads:
                 while t.is_alive():
                     t.join(0.2)  # a timeout, so that the main thread runs its signal handler promptly
+        wandb = sys.modules.get("wandb")
+        if wandb is not None:  # the trials' W&B runs share one service, which waits here for their files
+            wandb.teardown()
         return results
 
     @contextmanager

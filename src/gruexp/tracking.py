@@ -83,7 +83,12 @@ class WandbLogger(_WandbLogger):
     ) -> None:
         import wandb
 
+        from gruexp import stack
+
         self.mode = wandb_mode(mode)
+        self.stacked = stack.current() is not None
+        if self.stacked:  # a stack's trials are runs side by side in one process: none may take over another's
+            kwargs["reinit"] = "create_new"
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         settings = kwargs.pop("settings", None) or wandb.Settings(
             init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)),
@@ -127,8 +132,10 @@ class WandbLogger(_WandbLogger):
         sync_dir = Path(run.dir).parent
         run.finish(exit_code=0 if status == "success" else 1)
         # finish() can return before wandb-core has written the run's file; teardown waits until it has, so a job's
-        # run is whole on disk when the job ends (and the next job starts a fresh service)
-        wandb.teardown()
+        # run is whole on disk when the job ends (and the next job starts a fresh service). A stack's trials share
+        # the service: the stack tears it down once, after its last trial (gruexp.stack.Stack.run).
+        if not self.stacked:
+            wandb.teardown()
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", sync_dir)
 
