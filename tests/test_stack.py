@@ -84,6 +84,7 @@ def test_jobs_stack_when_they_differ_in_stackable_values_only():
         key(*base, "optimizer.lr=2", "trainer.gradient_clip_val=0.5", "seed=7", "model.dropout=0.3"),
         key(*base, "optimizer.momentum=0.9", "+optimizer.weight_decay=1e-4", "+scheduler.gamma=0.5"),
         key(*base, "optimizer.betas=[0.8,0.99]"),
+        key(*base, "++hydra.job.env_set.GRUEXP_TRIAL='{\"number\": 3}'"),  # Optuna's trial of each job
     ]
     assert len(set(same)) == 1
     for other in (
@@ -307,3 +308,21 @@ def test_stacks_side_by_side_run_each_in_a_process_of_its_own(tmp_path, corpus_p
            for k in range(4)]  # fmt: skip
     processes = [i.rsplit("_", 1)[0] for i in ids]  # submitit's job id, then the trial's index
     assert processes[0] == processes[1] != processes[2] == processes[3]
+
+
+def test_optuna_batches_train_as_stacks_and_the_study_gets_each_trials_value(capfd, tmp_path, corpus_path):
+    import optuna
+
+    from gruexp.studies import open_storage
+
+    folder = tmp_path / "study"
+    code, out = run_main(capfd, "gruexp.train", "hparams_search=optuna", "hydra/launcher=stacked",
+                         "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=6", "hydra.sweeper.study_name=stacked",
+                         f"hydra.sweep.dir={folder}", *RUN)  # fmt: skip
+    assert code == 0, out
+    assert "stack of jobs" in out  # TPE's seeded draws give two trials of one hidden size at least
+    study = optuna.load_study(study_name="stacked", storage=open_storage(str(folder / "optuna.journal")))
+    values = {t.number: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(values) == 6
+    for k, value in values.items():
+        assert value == pytest.approx(summary(folder / str(k))["val_ppl"], rel=1e-6)

@@ -280,6 +280,8 @@ def group_key(overrides: Sequence[str]) -> str:
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         key = o.key_or_group
         stackable = key in STACKABLE or (key.split(".")[0] in STACKABLE_GROUPS and "." in key and _numeric(o.value()))
+        if key.startswith("hydra."):  # the job's own Hydra settings (Optuna's trial in hydra.job.env_set): no shape
+            continue
         if not stackable:
             kept.append(o.input_line)
     return "\n".join(sorted(kept))
