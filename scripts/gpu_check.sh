@@ -8,6 +8,7 @@
 # 3. bf16-mixed runs of scratch, torch and fused (short)
 # 4. scripts/bench.py --device cuda, and scripts/bench_framework.py at B32 H256 (through Lightning vs the bare step)
 #    and scripts/bench_graphs.py (every variant at B32 H256 and B128 H512: K=1 eager against K=16 as a CUDA graph)
+#    and scripts/bench_stack.py --stack-of 16 (one job alone against 16 stacked trials at B32 H256: trials per hour)
 # 5. a 2-job hydra/launcher=local sweep on the GPU(s), each job on its own GPU when there are 2 or more
 #
 # Writes OUT_DIR/gpu_check_<UTC date-time>.md (device, versions, each step's status and key numbers) and the
@@ -161,6 +162,14 @@ if [ -s "$WORK/bench-graphs.json" ] && nums=$("$PY" scripts/gpu_check_numbers.py
 else
   record "bench_graphs.py --device cuda" FAIL "exit $rc" "$WORK/bench-graphs.log"
 fi
+
+# 4d. stacked trials: one job alone against a stack of 16 (seed=1..16) at B32 H256, trials per hour (issue 24: >= 8x)
+"$PY" scripts/bench_stack.py --stack-of 16 --hidden-sizes 256 --trainer gpu --epochs 10 \
+  --json "$WORK/bench-stack.json" >"$WORK/bench-stack.log" 2>&1
+rc=$?
+nums=$(grep -o '[0-9.]*x the trials per hour' "$WORK/bench-stack.log")
+[ $rc -eq 0 ] && [ -n "$nums" ] && status=pass || status=FAIL
+record "bench_stack.py --stack-of 16 (GPU)" "$status" "exit $rc; ${nums:-no ratio}" "$WORK/bench-stack.log"
 
 # 5. two jobs side by side under hydra/launcher=local: each its own GPU when the machine has 2 or more
 "$PY" -m gruexp.train -m hydra/launcher=local hydra.launcher.array_parallelism=2 trainer=gpu model=fused \

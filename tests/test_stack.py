@@ -278,6 +278,12 @@ def test_bench_stack_times_both_sweeps_and_checks_their_jobs_agree(tmp_path, cor
     assert "H16: one after another" in done.stdout
     again = run_bench(*args, "--json", str(out), script="bench_stack.py")
     assert again.returncode == 2 and "exists and would be overwritten" in again.stderr
+    per_hour = tmp_path / "per_hour.json"
+    done = run_bench(*args, "--stack-of", "2", "--json", str(per_hour), script="bench_stack.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    size = json.loads(per_hour.read_text())["sizes"]["16"]
+    assert size["trials_per_hour_ratio"] == pytest.approx(2 * size["alone"][0] / size["stacked"][0])
+    assert "x the trials per hour" in done.stdout
 
 
 def test_each_trial_logs_to_a_wandb_run_of_its_own_in_the_sweeps_group(capfd, tmp_path, corpus_path):
