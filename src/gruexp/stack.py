@@ -31,8 +31,6 @@ from gruexp.models.stacked import forward_all
 if TYPE_CHECKING:
     from gruexp.module import CharLM
 
-log = logging.getLogger(__name__)
-
 _local = threading.local()
 
 

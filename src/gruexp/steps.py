@@ -79,7 +79,9 @@ def check_trainer(plan: StepPlan, trainer_cfg: Any) -> None:
     if plan.engine:
         devices, precision = trainer_cfg.get("devices", 1), str(trainer_cfg.get("precision", "32-true"))
         if devices not in (1, "1", "auto"):
-            raise UserError(f"stacked trials train on one device each group: trainer.devices must be 1, got {devices}")
+            raise UserError(
+                f"a stack trains on one device: trainer.devices must be 1 under hydra/launcher=stacked, got {devices}"
+            )
         if precision.startswith("16"):
             raise UserError(
                 f"trainer.precision={precision} scales each trial's loss by a GradScaler, which stacked trials do not "
