@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -319,16 +320,37 @@ def test_stacks_side_by_side_run_each_in_a_process_of_its_own(tmp_path, corpus_p
 def test_optuna_batches_train_as_stacks_and_the_study_gets_each_trials_value(capfd, tmp_path, corpus_path):
     import optuna
 
-    from gruexp.studies import open_storage
+    from gruexp.studies import TRIAL_ENV, open_storage
 
     folder = tmp_path / "study"
     code, out = run_main(capfd, "gruexp.train", "hparams_search=optuna", "hydra/launcher=stacked",
                          "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=6", "hydra.sweeper.study_name=stacked",
                          f"hydra.sweep.dir={folder}", *RUN)  # fmt: skip
     assert code == 0, out
-    assert "stack of jobs" in out  # TPE's seeded draws give two trials of one hidden size at least
+    assert "stack of jobs 0,1,2,3,4,5 started" in out  # RUN fixes the hidden size: lr and clip are searched
+    assert TRIAL_ENV not in os.environ  # the trials' hydra.job.env_set left the sweep's process as it was
     study = optuna.load_study(study_name="stacked", storage=open_storage(str(folder / "optuna.journal")))
     values = {t.number: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(values) == 6
     for k, value in values.items():
         assert value == pytest.approx(summary(folder / str(k))["val_ppl"], rel=1e-6)
+
+
+def test_a_pruned_trial_leaves_its_stack_and_the_others_train_on(capfd, tmp_path, corpus_path):
+    # the fixed model.hidden_size (RUN's) leaves lr and clip to search: the batch of 6 is one stack. ThresholdPruner
+    # prunes a trial at the first validation whose val/ppl is above `upper`; TPE's seeded draws put some above 21
+    folder = tmp_path / "study"
+    pruner = "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, upper: 21.0}"
+    three_epochs = [*[o for o in RUN if not o.startswith("trainer.max_epochs")], "trainer.max_epochs=3"]
+    code, out = run_main(capfd, "gruexp.train", "hparams_search=optuna", "hydra/launcher=stacked", pruner,
+                         "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=6", f"hydra.sweep.dir={folder}",
+                         *three_epochs)  # fmt: skip
+    assert code == 0, out
+    assert "stack of jobs 0,1,2,3,4,5 started" in out
+    trials = [summary(folder / str(k)) for k in range(6)]
+    pruned = [t for t in trials if t["status"] == "pruned"]
+    completed = [t for t in trials if t["status"] == "completed"]
+    assert pruned and completed and len(pruned) + len(completed) == 6
+    # a pruned trial stopped costing its share; the others trained on to the end
+    assert all(t["epochs"] < 3 for t in pruned) and all(t["epochs"] == 3 for t in completed)
+    assert max(t["global_step"] for t in pruned) < min(t["global_step"] for t in completed)

@@ -65,7 +65,7 @@ class StackedLauncher(LocalLauncher):
             jobs = [(initial_job_idx + k, list(job_overrides[k])) for k in unit]
             name, started = self._unit_name(jobs), time.monotonic()
             log.info("%s started: %s", name, "; ".join(brief_overrides(o) for _, o in jobs))
-            with _sweep_logging():
+            with _sweep_state():
                 ended = self.run_stack(jobs, None, why, "this process's")
             returns.update(zip((idx for idx, _ in jobs), ended, strict=True))
             outcomes = ", ".join(_outcome(sweep_dir / str(idx)) for idx, _ in jobs)
@@ -151,14 +151,19 @@ def _to_log_only(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
 
 @contextlib.contextmanager
-def _sweep_logging() -> Iterator[None]:
-    """The sweep's own handlers back after its trials (Hydra's run_job configures logging for each job)."""
+def _sweep_state() -> Iterator[None]:
+    """The sweep's own log handlers and environment back after its trials: Hydra's run_job configures logging for
+    each job and sets its hydra.job.env_set (Optuna's trial) around it, and trials that overlap restore each
+    other's variables out of order."""
     saved = {name: list(logging.getLogger(name).handlers) for name in _CONSOLE_LOGGERS}
+    environ = dict(os.environ)
     try:
         yield
     finally:
         for name, handlers in saved.items():
             logging.getLogger(name).handlers = handlers
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @dataclass
