@@ -39,18 +39,22 @@ def current() -> Stack | None:
     return getattr(_local, "stack", None)
 
 
+def _device() -> torch.device:
+    """Where the trials' generators are: the CPU's, and the current CUDA device's once CUDA is in use."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_initialized() else torch.device("cpu")
+
+
 def _rng_state() -> dict[str, Any]:
-    """The generators a trial draws from: the CPU's, and CUDA's where CUDA is in use."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The generators a trial draws from, as its checkpoint keeps them (gruexp.module.rng_states)."""
+    from gruexp.module import rng_states  # here: gruexp.module's imports reach this module (guards)
+
+    return rng_states(_device())
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    from gruexp.module import restore_rng_states
+
+    restore_rng_states(state, _device())
 
 
 @dataclass
@@ -83,7 +87,6 @@ class Stack:
         self._trials: dict[int, _Trial] = {}
         self._order: list[int] = []  # the live trials, in the sweep's order
         self.signum = 0
-        self.size = 0  # the trials it was given: what its memory must hold
 
     # --- running the trials ---------------------------------------------------------------------------------
 
@@ -91,7 +94,6 @@ class Stack:
         """Run every task (a trial's whole run) as a trial of this stack; return their results in order, an
         exception (SystemExit included) in place of the result of a task that raised one."""
         results: list[Any] = [None] * len(tasks)
-        self.size = len(tasks)
         self._trials = {i: _Trial() for i in range(len(tasks))}
         self._order = list(range(len(tasks)))
 
@@ -118,6 +120,11 @@ class Stack:
         if wandb is not None:  # the trials' W&B runs share one service, which waits here for their files
             wandb.teardown()
         return results
+
+    @property
+    def size(self) -> int:
+        """The trials it was given, ended ones included: what its memory must hold."""
+        return len(self._trials)
 
     @contextmanager
     def _signals(self) -> Iterator[None]:

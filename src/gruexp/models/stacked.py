@@ -75,7 +75,7 @@ def _scratch(nets: Sequence[ScratchGRU], tokens: Sequence[Tensor], states: Seque
     """d2l_gru on the trials' stacked weights [N, ...] and biases [N, 1, H]: gradients flow back to each trial's."""
     p = {}
     for name in PARAMETERS:
-        w = torch.stack([net._parameters[name] for net in nets])
+        w = _stacked(nets, name)
         p[name] = w.unsqueeze(1) if name.startswith("b_") else w
     first = nets[0]
     zeros = first.W_hz.new_zeros(tokens[0].shape[0], first.hidden_size)
@@ -102,8 +102,9 @@ class TrialRecurrences(torch.autograd.Function):
         return *grads, None
 
 
-def _stacked(nets: Sequence[nn.Module], name: str) -> Tensor:
-    return torch.stack([net._parameters[name] for net in nets])
+def _stacked(modules: Sequence[nn.Module], name: str) -> Tensor:
+    """Parameter `name` of each module along a leading trial dimension (the gradient flows back to each)."""
+    return torch.stack([m._parameters[name] for m in modules])
 
 
 def _fused(
@@ -129,7 +130,8 @@ def _fused(
             gi = torch.baddbmm(b_ih[:, None], x.reshape(S, T * B, H), w_ih.transpose(1, 2)).view(S, T, B, 3 * H)
             x, h_T = TrialRecurrences.apply(gi, h0[:, k], w_hh, b_hh, None)
         h_n.append(h_T)
-    w, b = _stacked([n.linear for n in nets], "weight"), _stacked([n.linear for n in nets], "bias")
+    linears = [net.linear for net in nets]
+    w, b = _stacked(linears, "weight"), _stacked(linears, "bias")
     logits = torch.baddbmm(b[:, None], x.reshape(S, T * B, H), w.transpose(1, 2)).view(S, T, B, -1).transpose(1, 2)
     state = torch.stack(h_n, dim=1)  # [S, L, B, H]
     return list(zip(logits.unbind(0), state.unbind(0), strict=True))

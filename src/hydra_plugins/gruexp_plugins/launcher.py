@@ -209,14 +209,10 @@ class LocalLauncher(BaseSubmititLauncher):
                 lent = f"GPUs {','.join(gpus)} of the pool {','.join(pool.ids)}" if num_gpus else "no GPU"
                 with submit_lock:  # one submission at a time: the launcher is pickled into each job's folder
                     job = self._submit(self._executor(setup), jobs, state, why, lent)
-                started = time.monotonic()
-                name = self._unit_name(jobs)
-                log.info("%s started: %s", name, "; ".join(brief_overrides(o) for _, o in jobs))
+                started = self._say_started(jobs)
                 while not job.done():
                     time.sleep(_POLL_S)
-                took = time.monotonic() - started
-                outcomes = ", ".join(_outcome(sweep_dir / str(idx)) for idx, _ in jobs)
-                log.info("%s ended: %s (%.0f s)", name, outcomes, took)
+                self._say_ended(jobs, sweep_dir, started)
                 return job
             finally:
                 pool.release(gpus)  # the unit's process has ended (or never started): its GPUs are free
@@ -251,6 +247,16 @@ class LocalLauncher(BaseSubmititLauncher):
 
     def _unit_name(self, jobs: list[tuple[int, list[str]]]) -> str:
         return f"job {jobs[0][0]}"
+
+    def _say_started(self, jobs: list[tuple[int, list[str]]]) -> float:
+        """`job 3 started: <its overrides>` (a stack: all of its jobs'); returns when, for _say_ended."""
+        log.info("%s started: %s", self._unit_name(jobs), "; ".join(brief_overrides(o) for _, o in jobs))
+        return time.monotonic()
+
+    def _say_ended(self, jobs: list[tuple[int, list[str]]], sweep_dir: Path, started: float) -> None:
+        """`job 3 ended: completed, val/ppl 5.43 (12 s)`, from each job's summary.json."""
+        outcomes = ", ".join(_outcome(sweep_dir / str(idx)) for idx, _ in jobs)
+        log.info("%s ended: %s (%.0f s)", self._unit_name(jobs), outcomes, time.monotonic() - started)
 
     def _submit(self, executor: Any, jobs: list[tuple[int, list[str]]], state: Any, why: str, lent: str) -> Any:
         """Submit a unit's process: here one Hydra job, run by `__call__`."""

@@ -12,7 +12,6 @@ import functools
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +21,11 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, run_job, setup_globals
 from omegaconf import DictConfig, open_dict
 
-from gruexp.console import brief_overrides
 from hydra_plugins.gruexp_plugins.launcher import (
     GruexpLocalConf,
     LocalLauncher,
     _announcing,
     _failed,
-    _outcome,
     _returned,
 )
 
@@ -63,13 +60,11 @@ class StackedLauncher(LocalLauncher):
         returns: dict[int, JobReturn] = {}
         for unit in self._units(job_overrides, []):
             jobs = [(initial_job_idx + k, list(job_overrides[k])) for k in unit]
-            name, started = self._unit_name(jobs), time.monotonic()
-            log.info("%s started: %s", name, "; ".join(brief_overrides(o) for _, o in jobs))
+            started = self._say_started(jobs)
             with _sweep_state():
                 ended = self.run_stack(jobs, None, why, "this process's")
             returns.update(zip((idx for idx, _ in jobs), ended, strict=True))
-            outcomes = ", ".join(_outcome(sweep_dir / str(idx)) for idx, _ in jobs)
-            log.info("%s ended: %s (%.0f s)", name, outcomes, time.monotonic() - started)
+            self._say_ended(jobs, sweep_dir, started)
         return [returns[initial_job_idx + k] for k in range(len(job_overrides))]
 
     def _units(self, job_overrides: Sequence[Sequence[str]], wants: list[tuple[int, bool]]) -> list[list[int]]:
