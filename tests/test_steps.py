@@ -81,6 +81,23 @@ def test_k4_trains_bit_identical_weights_to_k1(make_cfg, tmp_path, corpus_path, 
     assert max(float(r["train/grad_norm"]) for r in step_rows(tmp_path / "1")) > 0.1
 
 
+@pytest.mark.parametrize(
+    "clipping",
+    [
+        ["optimizer=sgd", "optimizer.lr=0.5", "trainer.gradient_clip_algorithm=value"],
+        ["optimizer=adam", "optimizer.lr=0.01", "+optimizer.fused=true"],  # clipped through Lightning's own layers
+    ],
+    ids=["by-value", "fused-adam"],
+)
+def test_k4_clips_as_k1_by_value_and_through_lightning(make_cfg, tmp_path, corpus_path, clipping):
+    """The module's clipping (steps.clip_gradients: torch's call, or Lightning's for an optimizer that unscales
+    itself) leaves K=1's weights for clipping by value, and for a fused Adam."""
+    args = ["model=fused", *clipping, "trainer.max_steps=10"]
+    for k in (1, 4):
+        fit(make_cfg, tmp_path / str(k), k, *args)
+    assert_same_weights(last(tmp_path / "1")["state_dict"], last(tmp_path / "4")["state_dict"])
+
+
 def test_k4_runs_every_per_step_hook_as_k1_does_directly_or_through_lightnings_layers(make_cfg, tmp_path, corpus_path):
     """Each step's on_before_backward, on_after_backward and on_before_optimizer_step, in Lightning's order, at its
     global_step, with its name set: at K=4 called directly (one device, no profiler) and through Lightning's own

@@ -25,7 +25,7 @@ from gruexp.callbacks import StepMetrics
 from gruexp.compat import CURRENT_HOOK, attached_trainer
 from gruexp.data import Vocab
 from gruexp.models import build_model, forward_flops_per_token, net_options, token_loss
-from gruexp.steps import StepPlan, run_chunk, stepping_batches
+from gruexp.steps import StepPlan, clip_gradients, run_chunk, stepping_batches
 from gruexp.throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -315,9 +315,8 @@ class CharLM(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # where Lightning's automatic optimization clips: after the callbacks' hook (the gradient norm logged is
         # the one before clipping), after a GradScaler's unscale
-        value, algorithm = self.clip
-        if not self.automatic_optimization and value:
-            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+        if not self.automatic_optimization and self.clip[0]:
+            clip_gradients(self, optimizer)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:

@@ -201,21 +201,45 @@ class StepHooks:
         setattr(module, CURRENT_HOOK, previous)
 
 
+def unscaled_precision(plugin: Precision) -> bool:
+    """Whether Lightning's precision plugin leaves backward and clipping to torch itself: fp32, fp64, the half
+    and bf16 casts, autocast without a GradScaler; not a GradScaler's, nor a strategy's own (FSDP, DeepSpeed)."""
+    plain = type(plugin) in (Precision, HalfPrecision, DoublePrecision)
+    return plain or (type(plugin) is MixedPrecision and plugin.scaler is None)
+
+
 def direct_hooks(module: CharLM) -> StepHooks | None:
     """StepHooks where the eager steps may run backward, the hooks and the optimizer themselves; None where
     Lightning's layers do work of their own: DDP's reducer, a GradScaler, a profiler, another strategy."""
     trainer = module.trainer
-    plugin = trainer.precision_plugin
-    plain = type(plugin) in (Precision, HalfPrecision, DoublePrecision)
-    unscaled = type(plugin) is MixedPrecision and plugin.scaler is None
     if (
         trainer.world_size == 1
         and type(trainer.strategy) is SingleDeviceStrategy
         and isinstance(trainer.profiler, PassThroughProfiler)
-        and (plain or unscaled)
+        and unscaled_precision(trainer.precision_plugin)
     ):
         return StepHooks(trainer, module)
     return None
+
+
+def clip_gradients(module: CharLM, optimizer: torch.optim.Optimizer) -> None:
+    """The module's clipping where it clips itself (K > 1, the engine): Lightning's clip_gradients, or where that
+    plugin's clipping is torch's own (unscaled_precision), torch's call on the optimizer's parameters directly.
+
+    The same call on the same parameters in the same order, so the same gradients; Lightning's checks and layers
+    around it are Python paid every optimizer step, a measurable share of a small model's step (docs/benchmarks.md).
+    A fused optimizer (which unscales itself) goes through Lightning, which refuses it under mixed precision.
+    """
+    value, algorithm = module.clip
+    plugin = module.trainer.precision_plugin
+    if not unscaled_precision(plugin) or getattr(optimizer, "_step_supports_amp_scaling", False):
+        module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # Precision.main_params' order
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)
 
 
 def _eager_steps(module: CharLM, X: torch.Tensor, Y: torch.Tensor, per_step: Any) -> torch.Tensor:
