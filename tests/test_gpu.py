@@ -45,3 +45,29 @@ def test_train_on_gpu(make_cfg, tmp_path, corpus_path):
 
     summary = train(make_cfg("model=fused", "trainer.accelerator=gpu", "trainer.devices=1", "logger=csv"))
     assert summary["status"] == "completed" and 1 < summary["val_ppl"] < 28
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_stacked_fused_trials_on_the_batched_op_loop_match_each_alone_on_cudnn(num_layers):
+    """A stack's fused trials on CUDA run the op loop batched over trials; each trial's logits, state and
+    gradients are its own net's (cuDNN, as a lone run on a GPU), to cuDNN's rounding."""
+    from gruexp.models.stacked import batchable, forward_all
+
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    V, H, B, T, S = 28, 64, 8, 12, 3
+    nets = [build_model("fused", V, H, num_layers=num_layers).cuda() for _ in range(S)]
+    tokens = [torch.randint(0, V, (B, T), device="cuda") for _ in range(S)]
+    states = [None, torch.randn(num_layers, B, H, device="cuda"), None]
+    assert batchable(nets, tokens) == "ops"
+    together = forward_all(nets, tokens, states)
+    torch.autograd.backward([logits.square().mean() for logits, _ in together])
+    grads = [[p.grad.clone() for p in net.parameters()] for net in nets]
+    for i, net in enumerate(nets):
+        net.zero_grad()
+        logits, state = net(tokens[i], states[i])
+        logits.square().mean().backward()
+        torch.testing.assert_close(together[i][0], logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(together[i][1], state, atol=1e-5, rtol=1e-4)
+        for p, g in zip(net.parameters(), grads[i], strict=True):
+            torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)

@@ -22,8 +22,8 @@ from helpers.runs import TINY, assert_one_line_error, run_cli, run_main
 from omegaconf import OmegaConf
 
 from gruexp import preflight, stack
-from gruexp.models import build_model, gru_cpu
-from gruexp.models.stacked import forward_all
+from gruexp.models import build_model, gru_cpu, gru_ops
+from gruexp.models.stacked import batchable, forward_all
 
 OmegaConf.register_new_resolver("of_seed", lambda values, seed: values[seed - 1], replace=True)
 TRIALS = [
@@ -109,10 +109,21 @@ NETS = {
     "fused-ops": dict(name="fused", num_layers=2, dropout=0.3, backend="ops"),
     "torch": dict(name="torch", num_layers=2, dropout=0.3),
 }
+BATCHED = {"scratch": "scratch", "fused-c": "c", "fused-ops": "ops", "torch": None}  # how forward_all runs them
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-mixed"])
 @pytest.mark.parametrize("kind", NETS)
-def test_forward_all_is_each_trials_own_forward_backward_and_dropout(kind):
+def test_forward_all_is_each_trials_own_forward_backward_and_dropout(kind, autocast):
+    """Each trial's logits, state and gradients are its own net's; under bf16 autocast too, where the batched
+    recurrences run in fp32 as a lone net's do (a bf16 input reached the C loop as raw float32 once)."""
+    # bf16 products accumulate in another order batched than alone: gradients within bf16's tolerances
+    tolerance = dict(rtol=1.6e-2, atol=1e-5) if autocast else dict(rtol=1e-6, atol=1e-9)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _forward_all_is_each_trials_own(kind, tolerance)
+
+
+def _forward_all_is_each_trials_own(kind: str, tolerance: dict[str, float]) -> None:
     torch.manual_seed(0)
     nets = [build_model(vocab_size=28, hidden_size=16, **NETS[kind]) for _ in range(3)]
     tokens = [torch.randint(0, 28, (4, 9)) for _ in range(3)]
@@ -127,6 +138,7 @@ def test_forward_all_is_each_trials_own_forward_backward_and_dropout(kind):
         yield
         rngs[i] = torch.get_rng_state()
 
+    assert batchable(nets, tokens) == BATCHED[kind]
     together = forward_all(nets, tokens, states, rng)
     torch.autograd.backward([logits.square().mean() for logits, _ in together])
     grads = [[p.grad.clone() for p in net.parameters()] for net in nets]
@@ -137,7 +149,7 @@ def test_forward_all_is_each_trials_own_forward_backward_and_dropout(kind):
         logits.square().mean().backward()
         assert torch.equal(logits, together[i][0]) and torch.equal(state, together[i][1])
         for p, g in zip(net.parameters(), grads[i], strict=True):
-            torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(g, p.grad, **tolerance)
         assert torch.equal(torch.get_rng_state(), rngs[i])  # its generator moved as its lone forward moved it
 
 
@@ -155,6 +167,27 @@ def test_c_loop_runs_trials_side_by_side_as_each_alone():
         assert torch.equal(alone, hs[s])
         for g, g_alone in zip(grads, gru_cpu.backward(dhs[s], dh_T[s], kept, True, V, True), strict=True):
             assert torch.equal(g[s], g_alone)
+
+
+@pytest.mark.parametrize("tables", [True, False], ids=["token-tables", "projections"])
+def test_op_loop_runs_trials_in_one_step_as_each_alone(tables):
+    """gru_ops with a trial dimension (what a stack of fused trials runs on a GPU): each trial's outputs and
+    gradients bit for bit its own call's, from the token tables (layer 0) and from projections (layers above)."""
+    torch.manual_seed(0)
+    S, T, B, H, V = 3, 7, 4, 32, 28
+    gi = torch.randn(S, V, 3 * H) if tables else torch.randn(T, S, B, 3 * H)
+    ids = torch.randint(0, V, (T, S, B)) if tables else None
+    h0, w_hh, b_hh = torch.randn(S, B, H), torch.randn(S, 3 * H, H) * 0.1, torch.randn(S, 3 * H)
+    hs, saved = gru_ops.forward(gi, h0, w_hh, b_hh, ids, True, save=True)
+    dhs, dh_T = torch.randn(T, S, B, H), torch.randn(S, B, H)
+    grads = gru_ops.backward(dhs, dh_T, saved, True, V, need_dh0=True)
+    for s in range(S):
+        own = (gi[s], ids[:, s].contiguous()) if tables else (gi[:, s].contiguous(), None)
+        alone, kept = gru_ops.forward(own[0], h0[s], w_hh[s], b_hh[s], own[1], True, save=True)
+        assert torch.equal(alone, hs[:, s])
+        grads_alone = gru_ops.backward(dhs[:, s].contiguous(), dh_T[s], kept, True, V, True)
+        for k, (g, g_alone) in enumerate(zip(grads, grads_alone, strict=True)):
+            assert torch.equal(g[:, s] if k == 0 and not tables else g[s], g_alone), k
 
 
 # --- whole runs -------------------------------------------------------------------------------------------------
@@ -266,7 +299,7 @@ def test_a_stack_too_large_for_memory_is_refused_before_training(capfd, tmp_path
         assert not (tmp_path / "sweep" / str(k) / "checkpoints").exists()
 
 
-def test_bench_stack_times_both_sweeps_and_checks_their_jobs_agree(tmp_path, corpus_path):
+def test_bench_stack_times_both_sweeps_and_checks_their_jobs_agree(capsys, tmp_path, corpus_path):
     out = tmp_path / "bench.json"
     args = ["--hidden-sizes", "16", "--lrs", "0.5,1", "--clips", "1", "--epochs", "1", "--max-tokens", "3000"]
     done = run_bench(*args, "--json", str(out), script="bench_stack.py")
@@ -277,8 +310,11 @@ def test_bench_stack_times_both_sweeps_and_checks_their_jobs_agree(tmp_path, cor
     assert len(size["local"]) == len(size["stacked"]) == 1 and size["val_ppl_agree"] is True
     assert size["ratio"] == pytest.approx(size["local"][0] / size["stacked"][0])
     assert "H16: one after another" in done.stdout
-    again = run_bench(*args, "--json", str(out), script="bench_stack.py")
-    assert again.returncode == 2 and "exists and would be overwritten" in again.stderr
+    import bench_stack  # in this process: the refusal comes before any sweep starts
+
+    with pytest.raises(SystemExit) as refused:
+        bench_stack.main([*args, "--json", str(out)])
+    assert refused.value.code == 2 and "exists and would be overwritten" in capsys.readouterr().err
     per_hour = tmp_path / "per_hour.json"
     done = run_bench(*args, "--stack-of", "2", "--json", str(per_hour), script="bench_stack.py")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -62,7 +62,7 @@ class GRURecurrence(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         loop = _loop(backend)
         hs, saved = loop.forward(gi, h0, w_hh, b_hh, tokens, reset_after, save=True)
-        ctx.loop, ctx.reset_after, ctx.vocab_size = loop, reset_after, gi.shape[0]
+        ctx.loop, ctx.reset_after, ctx.vocab_size = loop, reset_after, gi.shape[-2]  # the table's rows, or unused
         ctx.save_for_backward(*saved)
         return hs, hs[-1].clone()
 

@@ -112,6 +112,14 @@ def supports(*tensors: Tensor) -> bool:
     return dtype in TYPES and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 
+def refuse_unsupported(*tensors: Tensor) -> None:
+    """A ValueError naming the dtypes and devices where the kernel cannot take these tensors (supports): it reads
+    them as raw float32 or float64 arrays."""
+    if not supports(*tensors):
+        dtypes = ", ".join(f"{t.dtype} on {t.device}" for t in tensors)
+        raise ValueError(f"the C loop takes all-float32 or all-float64 tensors on the CPU, got {dtypes}")
+
+
 def threads_for(B: int, H: int) -> int:
     """torch's thread count, less where a thread would get under 16 hidden units or the step is too small to share."""
     if B * H * H < MIN_WORK_PER_THREAD:
@@ -137,9 +145,7 @@ def forward(
     if not reset_after:
         raise ValueError("the C loop computes the reset-after form only")
     gi, h0, w_hh, b_hh = (t.contiguous() for t in (gi, h0, w_hh, b_hh))
-    if not supports(gi, h0, w_hh, b_hh):
-        dtypes = ", ".join(f"{t.dtype} on {t.device}" for t in (gi, h0, w_hh, b_hh))
-        raise ValueError(f"the C loop takes all-float32 or all-float64 tensors on the CPU, got {dtypes}")
+    refuse_unsupported(gi, h0, w_hh, b_hh)
     if tokens is not None:
         tokens = tokens.to(torch.int64).contiguous()
         check_ids(tokens, gi.shape[0])
@@ -231,6 +237,7 @@ def forward_trials(
     if lib is None:
         raise RuntimeError("the C loop could not be built on this machine (the warning above says why)")
     gi, h0, w_hh, b_hh = (t.contiguous() for t in (gi, h0, w_hh, b_hh))
+    refuse_unsupported(gi, h0, w_hh, b_hh)
     S, B, H = h0.shape
     if tokens is not None:
         tokens = tokens.to(torch.int64).contiguous()
