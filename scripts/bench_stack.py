@@ -4,6 +4,7 @@
     python scripts/bench_stack.py [--hidden-sizes 64,256] [--lrs 0.5,1,2] [--clips 0.5,1,2] [--epochs 10]
                                   [--max-tokens 10000] [--model fused] [--trainer default] [--repeat 1] [--json PATH]
     python scripts/bench_stack.py --stack-of 16 --hidden-sizes 256 --trainer gpu    # trials per hour (gpu_check)
+    python scripts/bench_stack.py --stack-of 16 --hidden-sizes 256 --trainer gpu model.backend=cudnn
 
 Each sweep is the command a user types, `python -m gruexp.train -m ...` in a process of its own, on d2l's setting
 (experiment=d2l_classic: the first 10,000 characters, batch 32, 35 steps, SGD; --max-tokens 0 trains on the whole
@@ -14,6 +15,9 @@ stack's trials are their lone runs, to 1e-6). Their folders go to a temporary di
 
 --stack-of N: trials per hour instead: one job alone (a sweep of one, seed=1) against a stack of N (seed=1..N),
 the ratio N x alone / stacked (issue 24's GPU target: 16 stacked trials at B32 H256, at least 8x).
+
+Hydra overrides after the options go to every sweep: `model.backend=cudnn` times a GPU stack of fused trials on
+cuDNN trial by trial instead of the op loop batched over them (docs/stacking.md).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stack-of", type=int, help="trials per hour: one job alone against a stack of N")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--json", type=Path)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every sweep, e.g. model.backend=cudnn")
     args = p.parse_args(argv)
     check_positive(p, args, ("epochs", "repeat", "max_tokens", "stack_of"), zero_ok=("max_tokens",))
     check_new_json(p, args)
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     setting = ["experiment=d2l_classic", f"trainer={args.trainer}", tokens, f"trainer.max_epochs={args.epochs}"]
     setting += ["logger=csv"]
     setting += [f"model={args.model}", f"trainer.check_val_every_n_epoch={min(10, args.epochs)}"]  # d2l's 10
+    setting += args.overrides
     grid = [f"optimizer.lr={args.lrs}", f"trainer.gradient_clip_val={args.clips}"]
     one_by_one = ["hydra/launcher=local", "hydra.launcher.array_parallelism=1"]
     stacked = ["hydra/launcher=stacked"]

@@ -316,9 +316,11 @@ def test_bench_stack_times_both_sweeps_and_checks_their_jobs_agree(capsys, tmp_p
         bench_stack.main([*args, "--json", str(out)])
     assert refused.value.code == 2 and "exists and would be overwritten" in capsys.readouterr().err
     per_hour = tmp_path / "per_hour.json"
-    done = run_bench(*args, "--stack-of", "2", "--json", str(per_hour), script="bench_stack.py")
+    done = run_bench(*args, "--stack-of", "2", "--json", str(per_hour), "optimizer.lr=0.5", script="bench_stack.py")
     assert done.returncode == 0, done.stdout + done.stderr
-    size = json.loads(per_hour.read_text())["sizes"]["16"]
+    report = json.loads(per_hour.read_text())
+    assert report["setting"][-1] == "optimizer.lr=0.5"  # overrides reach every sweep
+    size = report["sizes"]["16"]
     assert size["trials_per_hour_ratio"] == pytest.approx(2 * size["alone"][0] / size["stacked"][0])
     assert "x the trials per hour" in done.stdout
 
