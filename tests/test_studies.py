@@ -8,7 +8,7 @@ import subprocess
 
 import optuna
 import pytest
-from helpers import TINY, run_cli
+from helpers import TINY, run_cli, run_main
 from helpers import error_lines as _errors
 from optuna.trial import TrialState
 
@@ -76,9 +76,10 @@ def test_a_journal_damaged_in_its_middle_is_refused_with_the_records_before_it(t
         ("hydra.sweeper.n_trials=-3", "hydra.sweeper.n_trials must be an integer >= 1"),
     ],
 )
-def test_a_bad_sweeper_setting_is_one_line_before_anything_is_written(tmp_path, setting, said):
-    r = run_cli("gruexp.train", *SEARCH, setting.replace("{tmp}", str(tmp_path)), cwd=tmp_path)
-    assert r.returncode == 2
-    (error,) = _errors(r)
+def test_a_bad_sweeper_setting_is_one_line_before_anything_is_written(capfd, monkeypatch, tmp_path, setting, said):
+    monkeypatch.chdir(tmp_path)  # in this process (the CLI's own process: test_bad_input.py), run from tmp_path
+    code, out = run_main(capfd, "gruexp.train", *SEARCH, setting.replace("{tmp}", str(tmp_path)))
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    (error,) = [line for line in out.splitlines() if line.startswith("Error")]
     assert said.replace("{tmp}", str(tmp_path)) in error
     assert not (tmp_path / "outputs").exists()
