@@ -4,9 +4,9 @@ Lightning's loop are paid once per K steps; on CUDA the K-step body is captured 
 K = 1 (the default on a CPU, where K > 1 gains only 3-6 %: docs/benchmarks.md) is Lightning's own automatic
 optimization, untouched. K > 1 is Lightning's manual optimization, doing per step exactly what the automatic loop
 does, in its order: zero the gradients, forward, backward, the `on_before_optimizer_step` hooks (StepMetrics'
-gradient norm), clipping (d2l's global norm, Lightning's own clip_gradients), the optimizer step, the per-step
-scheduler; the per-epoch scheduler after an epoch's last step. So K = 4 and K = 1 leave bit-identical weights
-(tests/test_steps.py).
+gradient norm), clipping (d2l's global norm: clip_gradients, torch's call as Lightning's makes it), the optimizer
+step, the per-step scheduler; the per-epoch scheduler after an epoch's last step. So K = 4 and K = 1 leave
+bit-identical weights (tests/test_steps.py).
 """
 
 from __future__ import annotations
