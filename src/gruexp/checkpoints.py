@@ -276,21 +276,19 @@ def resolve_ckpt_path(
     """
     if ckpt_path is None or str(ckpt_path) == "":
         return None
-    if str(ckpt_path) == "last" and job_overrides is not None and output_dir is not None:
-        root, found = _same_job(output_dir, job_overrides)
-        if not found:
-            raise UserError(
-                f"ckpt_path=last found no earlier sweep under {root} with a job of these overrides "
-                f"({' '.join(job_overrides)}) and a checkpoints/{LAST}: give the job's folder, ckpt_path=<job folder>"
-            )
-    elif str(ckpt_path) == "last":
-        root, found = _candidates(output_dir)
     if str(ckpt_path) == "last":
-        if not found:
-            raise UserError(
-                f"ckpt_path=last found no */checkpoints/{LAST} under {root}: give the file or run folder, "
-                "ckpt_path=<run>/checkpoints/last.ckpt"
+        if job_overrides is not None and output_dir is not None:
+            root, found = _same_job(output_dir, job_overrides)
+            none = (
+                f"no earlier sweep under {root} with a job of these overrides ({' '.join(job_overrides)}) and a "
+                f"checkpoints/{LAST}: give the job's folder, ckpt_path=<job folder>"
             )
+        else:
+            root, found = _candidates(output_dir)
+            none = f"no */checkpoints/{LAST} under {root}: give the file or run folder, "
+            none += f"ckpt_path=<run>/checkpoints/{LAST}"
+        if not found:
+            raise UserError(f"ckpt_path=last found {none}")
         reasons = []
         for p in found:
             try:
