@@ -171,7 +171,7 @@ class LocalLauncher(BaseSubmititLauncher):
             )
             raise SystemExit(2)
 
-        plan = self._units(job_overrides, wants)
+        plan = self._units(job_overrides)
         side_by_side = min(self.array_parallelism if self.array_parallelism > 0 else len(plan), len(plan))
         if all(on_gpu for _, on_gpu in wants):
             fit = len(pool) // min(n for n, _ in wants)
@@ -241,7 +241,7 @@ class LocalLauncher(BaseSubmititLauncher):
         log.info("Submitit 'local' sweep output dir : %s", sweep_dir)
         return sweep_dir
 
-    def _units(self, job_overrides: Sequence[Sequence[str]], wants: list[tuple[int, bool]]) -> list[list[int]]:
+    def _units(self, job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
         """The sweep's jobs (indices into job_overrides) as the units that each run in a process: one job each."""
         return [[k] for k in range(len(job_overrides))]
 

@@ -58,7 +58,7 @@ class StackedLauncher(LocalLauncher):
         threads = torch.get_num_threads()
         why = f"the sweep's own process, {threads} torch thread{'s' * (threads != 1)}"
         returns: dict[int, JobReturn] = {}
-        for unit in self._units(job_overrides, []):
+        for unit in self._units(job_overrides):
             jobs = [(initial_job_idx + k, list(job_overrides[k])) for k in unit]
             started = self._say_started(jobs)
             with _sweep_state():
@@ -67,7 +67,7 @@ class StackedLauncher(LocalLauncher):
             self._say_ended(jobs, sweep_dir, started)
         return [returns[initial_job_idx + k] for k in range(len(job_overrides))]
 
-    def _units(self, job_overrides: Sequence[Sequence[str]], wants: list[tuple[int, bool]]) -> list[list[int]]:
+    def _units(self, job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
         from gruexp import stack  # here: plugin discovery imports this module, and torch is seconds of CPU
 
         return stack.groups([stack.group_key(o) for o in job_overrides], self.trials)
